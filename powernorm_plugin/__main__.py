@@ -1,0 +1,33 @@
+"""``python -m powernorm_plugin --user-dir`` prints the folder to give ``--user-dir``."""
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m powernorm_plugin",
+        description="Helpers for using powernorm_plugin with fairseq.",
+    )
+    parser.add_argument(
+        "--user-dir",
+        action="store_true",
+        help="print the path to pass to fairseq's --user-dir and exit",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    args = parser.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if args.user_dir:
+        print(here)
+    elif args.version:
+        from . import __version__
+
+        print(__version__)
+    else:
+        parser.print_help()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Per-token RMS scaling over channel groups (the authors' ``group_num`` pre-scaling).
+
+For a token x in R^C split into k groups of C/k channels, every group is divided by its own
+root mean square:
+
+    r_g = 1 / sqrt(mean_{c in g} x_c^2 + eps),        z_c = x_c * r_g(c)
+
+It has no parameters and no batch statistics, so padding plays no part. Backward:
+
+    dL/dx_c = r_g * (dL/dz_c - z_c * mean_{c' in g} dL/dz_c' * z_c')
+"""
+import torch
+from torch import nn
+
+from ._util import compute_dtype
+
+
+class GroupRMSScaleFunction(torch.autograd.Function):
+    """``z = x * r`` on a 2-D input (tokens, channels), with the closed-form backward above.
+
+    Saves z and r (not x): the PowerNorm that follows saves z too, so the pair keeps one
+    activation-sized tensor alive instead of two.
+    """
+
+    @staticmethod
+    def forward(ctx, x, groups, eps):
+        n, c = x.shape
+        xv = x.to(compute_dtype(x)).view(n, groups, c // groups)
+        r = torch.rsqrt(xv.pow(2).mean(-1, keepdim=True).add_(eps))
+        z = xv * r
+        ctx.save_for_backward(z, r)
+        return z.view(n, c).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dz):
+        z, r = ctx.saved_tensors
+        n, groups, cg = z.shape
+        dzv = dz.to(z.dtype).reshape(n, groups, cg)
+        q = (dzv * z).mean(-1, keepdim=True)
+        dx = torch.addcmul(dzv, z, q, value=-1).mul_(r)
+        return dx.view(n, groups * cg).to(dz.dtype), None, None
+
+
+def group_rms_scale(x, groups, eps=1e-5):
+    """Apply per-token group RMS scaling to ``x`` of shape (..., C); C must divide by groups."""
+    shape = x.shape
+    z = GroupRMSScaleFunction.apply(x.reshape(-1, shape[-1]), groups, eps)
+    return z.view(shape)
+
+
+def check_groups(num_features, group_num):
+    """Validate ``group_num`` for ``num_features`` channels; returns it (None = no scaling)."""
+    if group_num is None:
+        return None
+    if isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 1:
+        raise ValueError(f"group_num must be a positive int or None, got {group_num!r}")
+    if num_features % group_num != 0:
+        raise ValueError(
+            f"group_num={group_num} must divide num_features={num_features} "
+            "(each group holds num_features / group_num channels)"
+        )
+    return group_num
+
+
+class GroupScaling(nn.Module):
+    """The parameter-free group RMS scaling as a module (what remains of a folded PowerNorm)."""
+
+    def __init__(self, num_features, group_num, eps=1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.group_num = check_groups(num_features, group_num)
+        self.eps = eps
+
+    def forward(self, x, padding_mask=None):
+        return group_rms_scale(x, self.group_num, self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_features}, group_num={self.group_num}, eps={self.eps}"

@@ -1,0 +1,293 @@
+"""Power Normalization (Shen et al., ICML 2020, Algorithm 2), for (T, B, C) sequence batches.
+
+Per feature c, over the N non-padding tokens z_i of a training batch:
+
+    forward   psi_B^2 = mean_i z_i^2
+              zhat    = z / sqrt(psi_{t-1}^2 + eps)
+              y       = gamma * zhat + beta
+              psi_t^2 = a_f psi_{t-1}^2 + (1 - a_f) psi_B^2
+    backward  g       = gamma * dL/dy
+              dL/dz   = (g - nu_{t-1} zhat) / sqrt(psi_{t-1}^2 + eps)
+              Gamma_t = mean_i zhat_i^2,    Lambda_t = mean_i g_i zhat_i
+              nu_t    = nu_{t-1} (1 - (1 - a_b) Gamma_t) + (1 - a_b) Lambda_t
+    inference y       = gamma * z / sqrt(psi^2 + eps) + beta
+
+where z is the input, or the input after per-token group RMS scaling when ``group_num`` is set.
+Padding rows take the same affine map in the forward but are outside the batch: they add
+nothing to psi_B, Gamma or Lambda, and receive no nu correction in the backward.
+
+Modes:
+
+* ``paper``: the equations above. During warm-up the forward and backward use the batch's
+  own psi_B in place of psi_{t-1}, and psi^2 is the cumulative mean of the psi_B seen so far.
+* ``official``: the authors' released code: the backward divides by the batch's psi_B, Gamma
+  and Lambda average over every position (padding included), and during warm-up psi^2 gets
+  the cumulative mean and then the EMA update as well.
+* ``vanilla`` (PN-V): y = gamma * z / sqrt(psi_B^2 + eps) + beta with the exact gradient
+  through psi_B; psi^2 is still tracked for inference, nu is unused.
+"""
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._util import (
+    FP32BuffersMixin,
+    all_reduce_sum,
+    check_input,
+    compute_dtype,
+    distributed_world,
+    token_mask,
+    token_sum,
+)
+from .group_scaling import check_groups, group_rms_scale
+
+MODES = ("paper", "official", "vanilla")
+
+
+class PowerNormConfig(NamedTuple):
+    """The hyper-parameters one training call needs (see :class:`PowerNorm`)."""
+
+    mode: str
+    eps: float
+    alpha_fwd: float
+    alpha_bkw: float
+    warmup_updates: int
+    sync: bool
+    process_group: object
+    causal: bool
+    name: str
+
+
+class PowerNormFunction(torch.autograd.Function):
+    """Training-mode PowerNorm on 2-D input ``z`` (rows = T*B positions, columns = features).
+
+    Updates ``running_phi`` (psi^2) and ``num_steps`` in the forward and ``running_nu`` (nu)
+    in the backward, in place, as torch's batch norm updates its running statistics.
+    With ``cfg.sync`` the token sums are all-reduced over the process group (forward: sums of
+    z^2 and token counts; backward: the sums behind Lambda), as SyncBatchNorm does.
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
+        cd = compute_dtype(z)
+        zc = z.to(cd)
+        C = z.size(1)
+        group = distributed_world(cfg.sync, cfg.process_group)
+
+        # One all-reduce carries the token sum of z^2 and the token count and, for the
+        # official mode, the sum of z^2 over every row and the row count.
+        sq = zc * zc
+        token_sq = token_sum(sq, mask)
+        parts = [token_sq, token_sq.new_tensor([mask.count])]
+        if cfg.mode == "official":
+            all_sq = token_sq if mask.pad_rows is None else token_sq + sq[mask.pad_rows].sum(0)
+            parts += [all_sq, token_sq.new_tensor([mask.rows])]
+        del sq
+        stats = all_reduce_sum(torch.cat(parts), group)
+        count = float(stats[C])
+        phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
+
+        saved = []
+        if count > 0:
+            psi_b = stats[:C] / count
+            if not torch.isfinite(psi_b).all():
+                raise FloatingPointError(
+                    f"{cfg.name}: the batch statistic psi_B^2 is not finite (the input holds NaN "
+                    "or Inf, or z^2 overflowed); its running statistics were left unchanged"
+                )
+            step = int(num_steps) + 1
+            warm = step <= cfg.warmup_updates
+            use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
+            scale_var = psi_b if use_batch else phi_prev
+            _update_running_phi(running_phi, psi_b, step, warm, cfg)
+            num_steps.add_(1)
+            if cfg.mode == "paper":
+                saved = [psi_b]
+            elif cfg.mode == "official":
+                ctx.rows = float(stats[2 * C + 1])
+                saved = [stats[C + 1 : 2 * C + 1], torch.rsqrt(psi_b + cfg.eps)]
+        else:  # a batch of padding only: nothing to learn from, nothing updated
+            scale_var = phi_prev
+
+        inv = torch.rsqrt(scale_var + cfg.eps)
+        w = weight.to(cd) if weight is not None else torch.ones_like(inv)
+        b = bias.to(cd) if bias is not None else torch.zeros_like(inv)
+        y = torch.addcmul(b, zc, w * inv)
+
+        ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
+        ctx.running_nu = running_nu
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(z, w, inv, *saved)
+        return y.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cfg, mask = ctx.cfg, ctx.mask
+        z, w, inv, *saved = ctx.saved_tensors
+        cd = inv.dtype
+        zc = z.to(cd)
+        dyc = dy.to(cd)
+
+        # sum_n dy_n z_n over token rows, and over all rows (gamma's gradient takes all rows)
+        prod = dyc * zc
+        token_dz = token_sum(prod, mask)
+        all_dz = token_dz if mask.pad_rows is None else token_dz + prod[mask.pad_rows].sum(0)
+        del prod
+
+        a = w * inv  # every mode: dz = a * dy - b * z, with b left out on padding rows
+        if ctx.count == 0:
+            dz = dyc * a
+        elif cfg.mode == "vanilla":
+            # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n
+            total = all_reduce_sum(all_dz.clone(), ctx.group)
+            dz = _affine_grad(dyc, zc, a, w * inv.pow(3) * total / ctx.count, mask.pad_rows)
+        else:
+            nu = ctx.running_nu.to(cd)
+            if cfg.mode == "paper":
+                (psi_b,) = saved
+                dz = _affine_grad(dyc, zc, a, nu * inv * inv, mask.pad_rows)
+                gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
+                lambda_t = w * inv * all_reduce_sum(token_dz.clone(), ctx.group) / ctx.count
+            else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
+                all_sq, inv_b = saved
+                dz = torch.addcmul(dyc * (w * inv_b), zc, nu * inv * inv_b, value=-1)
+                gamma_t = inv * inv * all_sq / ctx.rows
+                lambda_t = w * inv * all_reduce_sum(all_dz.clone(), ctx.group) / ctx.rows
+            _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
+
+        grad_w = (all_dz * inv).to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
+        grad_b = dyc.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return dz.to(dy.dtype), grad_w, grad_b, None, None, None, None, None
+
+
+def _affine_grad(dy, z, a, b, pad_rows):
+    """dz_n = a * dy_n - m_n * b * z_n, where m_n = 0 on padding rows."""
+    dz = torch.addcmul(dy * a, z, b, value=-1)
+    if pad_rows is not None:
+        dz.index_add_(0, pad_rows, z[pad_rows] * b)
+    return dz
+
+
+def _update_running_phi(running_phi, psi_b, step, warm, cfg):
+    """psi^2 <- cumulative mean of psi_B^2 during warm-up, a_f psi^2 + (1 - a_f) psi_B^2 after.
+
+    The official mode applies the EMA during warm-up as well, after the cumulative mean.
+    """
+    phi = running_phi.to(psi_b.dtype)
+    if warm:
+        phi = phi * ((step - 1) / step) + psi_b / step
+    if not warm or cfg.mode == "official":
+        phi = cfg.alpha_fwd * phi + (1.0 - cfg.alpha_fwd) * psi_b
+    running_phi.copy_(phi)
+
+
+def _update_running_nu(running_nu, nu, gamma_t, lambda_t, alpha_bkw):
+    """nu <- nu (1 - (1 - a_b) Gamma) + (1 - a_b) Lambda, left unchanged where not finite.
+
+    Non-finite gradients are expected under fp16 loss scaling (fairseq then skips the step
+    and lowers the scale): they must not poison nu, and checking needs no host sync.
+    """
+    new = nu * (1.0 - (1.0 - alpha_bkw) * gamma_t) + (1.0 - alpha_bkw) * lambda_t
+    running_nu.copy_(torch.where(torch.isfinite(new), new, nu))
+
+
+class PowerNorm(FP32BuffersMixin, nn.Module):
+    """PowerNorm over the feature dimension of a (T, B, C) batch, padding-aware.
+
+    Args:
+        num_features: C.
+        eps: added to psi^2 (and to the group mean square) before the square root.
+        alpha_fwd, alpha_bkw: a_f and a_b, the EMA rates of psi^2 and nu.
+        warmup_updates: training calls during which the forward uses the batch's own psi_B.
+        group_num: if set, per-token RMS scaling over that many channel groups comes first.
+        mode: ``"paper"``, ``"official"`` or ``"vanilla"`` (see the module docstring).
+        affine: learn gamma (init 1) and beta (init 0).
+        sync: all-reduce the batch statistics over ``process_group`` (default: WORLD) when
+            torch.distributed is initialized with more than one process.
+        causal: never let an output depend on the current batch's statistics, so a decoder
+            position cannot see later tokens: warm-up normalizes by the running statistic of
+            earlier steps (psi^2 still gets the cumulative mean), and ``mode="vanilla"`` is
+            refused.
+
+    Buffers (all saved in ``state_dict``): ``running_phi`` (psi^2, starts at 1),
+    ``running_nu`` (nu, starts at 0), ``num_steps`` (training calls that saw tokens).
+    """
+
+    def __init__(self, num_features, eps=1e-5, alpha_fwd=0.9, alpha_bkw=0.9, warmup_updates=0,
+                 group_num=None, mode="paper", affine=True, sync=False, process_group=None,
+                 causal=False):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"PowerNorm mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        for key, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"PowerNorm {key} must lie in [0, 1), got {value!r}")
+        if eps <= 0:
+            raise ValueError(f"PowerNorm eps must be positive, got {eps!r}")
+        if warmup_updates < 0:
+            raise ValueError(f"PowerNorm warmup_updates must be >= 0, got {warmup_updates!r}")
+        if causal and mode == "vanilla":
+            raise ValueError(
+                "PowerNorm mode='vanilla' normalizes by the current batch's statistic, so a "
+                "position would see later tokens; it cannot be causal (use mode='paper')"
+            )
+        self.num_features = num_features
+        self.eps = eps
+        self.alpha_fwd = alpha_fwd
+        self.alpha_bkw = alpha_bkw
+        self.warmup_updates = int(warmup_updates)
+        self.group_num = check_groups(num_features, group_num)
+        self.mode = mode
+        self.sync = sync
+        self.process_group = process_group
+        self.causal = causal
+        self.name = "PowerNorm"  # architectures set the module path for error messages
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_phi", torch.ones(num_features))
+        self.register_buffer("running_nu", torch.zeros(num_features))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x, padding_mask=None):
+        check_input(x, self.num_features, self.name)
+        T, B, C = x.shape
+        z = x.reshape(T * B, C)
+        if self.group_num is not None:
+            z = group_rms_scale(z, self.group_num, self.eps)
+        if not self.training:
+            return self.eval_affine(z).view(T, B, C)
+        mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
+        cfg = PowerNormConfig(self.mode, self.eps, self.alpha_fwd, self.alpha_bkw,
+                              self.warmup_updates, self.sync, self.process_group, self.causal,
+                              self.name)
+        y = PowerNormFunction.apply(z, self.weight, self.bias, self.running_phi,
+                                    self.running_nu, self.num_steps, mask, cfg)
+        return y.view(T, B, C)
+
+    def eval_affine(self, z):
+        """Inference: y = gamma * z / sqrt(psi^2 + eps) + beta, differentiable by autograd."""
+        scale, shift = self.affine_parameters()
+        return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype))
+
+    def affine_parameters(self):
+        """(scale, shift) of the inference map y = scale * z + shift, in fp32 or wider."""
+        inv = torch.rsqrt(self.running_phi + self.eps)
+        scale = inv * self.weight.to(inv.dtype) if self.weight is not None else inv
+        shift = self.bias.to(inv.dtype) if self.bias is not None else torch.zeros_like(inv)
+        return scale, shift
+
+    def extra_repr(self):
+        return (
+            f"{self.num_features}, mode={self.mode}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, "
+            f"alpha_bkw={self.alpha_bkw}, warmup_updates={self.warmup_updates}, "
+            f"group_num={self.group_num}, affine={self.weight is not None}, sync={self.sync}, "
+            f"causal={self.causal}"
+        )

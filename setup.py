@@ -1,0 +1,29 @@
+"""Install the powernorm-fairseq plugin (the ``powernorm_plugin`` package).
+
+``pip install .`` installs the plugin alone and keeps whatever fairseq the user has;
+``pip install .[fairseq]`` adds the fairseq build that installs on Python >= 3.11;
+``pip install .[test]`` adds what the test suite needs.
+"""
+from setuptools import find_packages, setup
+
+FAIRSEQ = ["ve-fairseq==0.12.3", "sacrebleu>=2.0", "sentencepiece>=0.1.99"]
+
+setup(
+    name="powernorm-fairseq",
+    version="0.1.0",
+    description="PowerNorm and Normalize-and-Project (NaP) for fairseq, as a --user-dir plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["powernorm_plugin", "powernorm_plugin.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.0"],
+    extras_require={
+        "fairseq": FAIRSEQ,
+        "test": FAIRSEQ + ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "powernorm-user-dir=powernorm_plugin.__main__:main",
+        ],
+    },
+)

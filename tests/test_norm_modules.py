@@ -1,0 +1,154 @@
+"""MaskedBatchNorm, group scaling, folding into linear layers, and bad-input handling."""
+import pytest
+import torch
+
+from powernorm_plugin.modules import (
+    GroupScaling, MaskedBatchNorm, PowerNorm, build_norm, fold_norm_into_linear, group_rms_scale,
+    norm_residual,
+)
+
+T, B, C = 6, 4, 8
+
+
+@pytest.fixture
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, B, C, generator=gen, dtype=torch.float64) * 3 + 1
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[3, 2:] = True
+    return x, pad
+
+
+def test_masked_batch_norm_matches_token_statistics(batch):
+    x, pad = batch
+    bn = MaskedBatchNorm(C, momentum=0.2).double()
+    xa = x.clone().requires_grad_(True)
+    y = bn(xa, pad)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    tok = x[~pad.t()]  # (N, C)
+    xr = x.clone().requires_grad_(True)
+    tr = xr[~pad.t()]
+    mean, var = tr.mean(0), tr.var(0, unbiased=False)
+    yr = (xr - mean) / torch.sqrt(var + 1e-5)
+    yr.backward(dy)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(xa.grad, xr.grad)
+    torch.testing.assert_close(bn.running_mean, 0.2 * tok.mean(0))
+    torch.testing.assert_close(bn.running_var, 0.8 + 0.2 * tok.var(0, unbiased=True))
+    bn.eval()
+    want = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-5)
+    torch.testing.assert_close(bn(x), want)
+
+
+def test_masked_batch_norm_gradcheck(batch):
+    x, pad = batch
+    bn = MaskedBatchNorm(C).double()
+    assert torch.autograd.gradcheck(lambda t: bn(t, pad), (x.clone().requires_grad_(True),))
+
+
+def test_group_scaling_equation_and_gradcheck():
+    x = torch.randn(3, 2, C, dtype=torch.float64, requires_grad=True)
+    z = group_rms_scale(x, 2)
+    xg = x.view(3, 2, 2, C // 2)
+    want = (xg / torch.sqrt((xg ** 2).mean(-1, keepdim=True) + 1e-5)).view(3, 2, C)
+    torch.testing.assert_close(z, want)
+    assert torch.autograd.gradcheck(lambda t: group_rms_scale(t, 4), (x,))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PowerNorm(C, group_num=2),
+    lambda: PowerNorm(C, mode="official"),
+    lambda: MaskedBatchNorm(C),
+])
+def test_fold_into_following_linear_is_exact(make, batch):
+    x, pad = batch
+    norm = make().double()
+    for _ in range(3):
+        norm(x * torch.rand(1, dtype=torch.float64) + 0.3, pad).sum().backward()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    norm.eval()
+    linear = torch.nn.Linear(C, 5).double()
+    folded = fold_norm_into_linear(norm, linear)
+    residual = norm_residual(norm)
+    expected_type = GroupScaling if getattr(norm, "group_num", None) else torch.nn.Module
+    assert isinstance(residual, expected_type)
+    torch.testing.assert_close(folded(residual(x)), linear(norm(x)))
+
+
+def test_fold_refuses_training_mode_and_other_layers():
+    with pytest.raises(ValueError, match="eval"):
+        fold_norm_into_linear(PowerNorm(C), torch.nn.Linear(C, 2))
+    with pytest.raises(TypeError, match="PowerNorm or MaskedBatchNorm"):
+        fold_norm_into_linear(torch.nn.LayerNorm(C), torch.nn.Linear(C, 2))
+    with pytest.raises(ValueError, match="in_features"):
+        fold_norm_into_linear(PowerNorm(C).eval(), torch.nn.Linear(C + 1, 2))
+
+
+# --- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: PowerNorm(C), lambda: MaskedBatchNorm(C)])
+def test_wrong_rank_and_feature_size(make):
+    norm = make()
+    with pytest.raises(ValueError, match=r"\(T, B, C\)"):
+        norm(torch.randn(4, C))
+    with pytest.raises(ValueError, match="expected num_features=8"):
+        norm(torch.randn(2, 3, C + 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        norm(torch.ones(2, 3, C, dtype=torch.long))
+
+
+@pytest.mark.parametrize("make", [lambda: PowerNorm(C), lambda: MaskedBatchNorm(C)])
+def test_padding_mask_wrong_shape_or_dtype(make):
+    norm = make()
+    x = torch.randn(T, B, C)
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(B, T\) = \(4, 6\)"):
+        norm(x, torch.zeros(T, B, dtype=torch.bool))
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor"):
+        norm(x, torch.zeros(B, T))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PowerNorm(C), lambda: PowerNorm(C, mode="official", warmup_updates=3),
+    lambda: PowerNorm(C, mode="vanilla", group_num=2), lambda: MaskedBatchNorm(C),
+])
+def test_all_padding_batch_gives_finite_output_and_leaves_statistics(make):
+    norm = make()
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(T, B, C, requires_grad=True)
+    y = norm(x, torch.ones(B, T, dtype=torch.bool))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in norm.parameters())
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("make", [lambda: PowerNorm(C), lambda: PowerNorm(C, mode="vanilla"),
+                                  lambda: MaskedBatchNorm(C)])
+def test_nan_input_is_refused_not_folded_into_statistics(make):
+    norm = make()
+    norm.name = "encoder.layers.0.final_layer_norm"
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(T, B, C)
+    x[2, 1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm"):
+        norm(x)
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_unknown_mode_kind_and_options():
+    with pytest.raises(ValueError, match="paper, official, vanilla"):
+        PowerNorm(C, mode="fast")
+    with pytest.raises(ValueError, match="layer, rms, batch, power, power_vanilla"):
+        build_norm("group", C)
+    with pytest.raises(TypeError, match="alpha_fw"):
+        build_norm("power", C, alpha_fw=0.5)
+    with pytest.raises(ValueError, match="group_num=3 must divide num_features=8"):
+        PowerNorm(C, group_num=3)
+    with pytest.raises(ValueError, match="alpha_fwd"):
+        PowerNorm(C, alpha_fwd=1.0)

@@ -1,0 +1,227 @@
+"""PowerNorm against a float64 transcription of its equations, and its contracts."""
+import copy
+
+import pytest
+import torch
+
+from powernorm_plugin.modules import PowerNorm, build_norm
+from reference_powernorm import powernorm_step
+
+T, B, C = 7, 5, 12
+GROUPS = [None, 3]
+MODES = ["paper", "official", "vanilla"]
+
+
+def random_batch(gen, dtype=torch.float64, pad_frac=0.3):
+    x = torch.randn(T, B, C, generator=gen, dtype=dtype) * 2 + 0.5
+    dy = torch.randn(T, B, C, generator=gen, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    pad = torch.arange(T)[None, :] >= lengths[:, None]  # (B, T)
+    return x, pad, dy
+
+
+def run_module_step(pn, x, pad, dy):
+    x = x.clone().requires_grad_(True)
+    pn.zero_grad()
+    y = pn(x, pad)
+    y.backward(dy)
+    return y.detach(), x.grad, pn.weight.grad.clone(), pn.bias.grad.clone()
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_matches_equations_over_consecutive_steps(mode, groups, dtype, tol):
+    gen = torch.Generator().manual_seed(1)
+    warmup = 2
+    pn = PowerNorm(C, mode=mode, group_num=groups, warmup_updates=warmup, alpha_fwd=0.8,
+                   alpha_bkw=0.7).to(dtype)
+    with torch.no_grad():
+        pn.weight.copy_(1 + 0.1 * torch.randn(C, generator=gen))
+        pn.bias.copy_(0.1 * torch.randn(C, generator=gen))
+    state = {"phi": torch.ones(C, dtype=torch.float64), "nu": torch.zeros(C, dtype=torch.float64), "step": 0}
+    gamma, beta = pn.weight.detach().double(), pn.bias.detach().double()
+    for _ in range(6):  # two warm-up steps, then four with running statistics
+        x, pad, dy = random_batch(gen)
+        y, dx, dg, db = run_module_step(pn, x.to(dtype), pad, dy.to(dtype))
+        ry, rdx, rdg, rdb, state = powernorm_step(x, pad, dy, gamma, beta, state, mode, warmup,
+                                                  0.8, 0.7, 1e-5, groups)
+        for got, want in [(y, ry), (dx, rdx), (dg, rdg), (db, rdb),
+                          (pn.running_phi, state["phi"]), (pn.running_nu, state["nu"])]:
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        assert int(pn.num_steps) == state["step"]
+    assert pn.running_phi.dtype == dtype
+
+
+def test_paper_mode_nu_is_nonzero_and_changes_gradient():
+    """The approximate backward is really active: nu != 0 changes dL/dx vs plain scaling."""
+    gen = torch.Generator().manual_seed(2)
+    pn = PowerNorm(C)
+    for _ in range(3):
+        x, pad, dy = random_batch(gen, torch.float32)
+        _, dx, _, _ = run_module_step(pn, x, pad, dy)
+    assert pn.running_nu.abs().max() > 1e-3
+    plain = dy * pn.weight.detach() / torch.sqrt(pn.running_phi + 1e-5)
+    assert not torch.allclose(dx, plain, atol=1e-4)
+
+
+def test_padding_rows_get_no_nu_correction():
+    gen = torch.Generator().manual_seed(3)
+    pn = PowerNorm(C)
+    pn.running_nu.fill_(0.5)
+    x, pad, dy = random_batch(gen, torch.float32)
+    inv = torch.rsqrt(pn.running_phi + 1e-5)
+    _, dx, _, _ = run_module_step(pn, x, pad, dy)
+    padded = pad.t()  # (T, B)
+    torch.testing.assert_close(dx[padded], (dy * inv)[padded])
+
+
+def test_padding_values_do_not_change_token_outputs_or_statistics():
+    gen = torch.Generator().manual_seed(4)
+    x, pad, dy = random_batch(gen, torch.float32)
+    x2 = x.clone()
+    x2[pad.t()] = 1e3
+    outs = []
+    for inp in (x, x2):
+        pn = PowerNorm(C, mode="vanilla", group_num=3)
+        y, dx, _, _ = run_module_step(pn, inp, pad, torch.where(pad.t()[..., None], 0.0, dy))
+        outs.append((y[~pad.t()], dx[~pad.t()], pn.running_phi.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+def test_gradcheck_eval_mode(groups):
+    pn = PowerNorm(C, group_num=groups).double()
+    pn.running_phi.uniform_(0.5, 2.0)
+    pn.eval()
+    x = torch.randn(3, 2, C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: pn(t), (x,))
+    assert torch.autograd.gradcheck(lambda w: torch.nn.functional.linear(pn(x), w), (torch.randn(4, C, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("groups", GROUPS)
+def test_gradcheck_vanilla_training_mode_with_padding(groups):
+    pn = PowerNorm(C, mode="vanilla", group_num=groups).double()
+    gen = torch.Generator().manual_seed(5)
+    x, pad, _ = random_batch(gen)
+    x = x[:, :3].clone().requires_grad_(True)
+    pad = pad[:3]
+    assert torch.autograd.gradcheck(lambda inp: pn(inp, pad), (x,))
+
+
+def test_vanilla_weight_and_bias_gradients_match_autograd():
+    gen = torch.Generator().manual_seed(6)
+    x, pad, dy = random_batch(gen)
+    pn = PowerNorm(C, mode="vanilla").double()
+    _, _, dg, db = run_module_step(pn, x, pad, dy)
+    w = torch.ones(C, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    tok = ~pad.t()
+    y = w * x / torch.sqrt((x[tok] ** 2).mean(0) + 1e-5) + b
+    y.backward(dy)
+    torch.testing.assert_close(dg, w.grad)
+    torch.testing.assert_close(db, b.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_mid_training_continues_bit_for_bit(mode):
+    gen = torch.Generator().manual_seed(7)
+    batches = [random_batch(gen, torch.float32) for _ in range(6)]
+    a = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4)
+    for x, pad, dy in batches[:3]:
+        run_module_step(a, x, pad, dy)
+    saved = copy.deepcopy(a.state_dict())
+    assert set(saved) == {"weight", "bias", "running_phi", "running_nu", "num_steps"}
+    b = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4)
+    b.load_state_dict(saved)
+    for x, pad, dy in batches[3:]:  # crosses the end of warm-up
+        ra = run_module_step(a, x, pad, dy)
+        rb = run_module_step(b, x, pad, dy)
+        for u, v in zip(ra, rb):
+            assert torch.equal(u, v)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_eval_mode_is_a_fixed_affine_map_and_updates_nothing():
+    gen = torch.Generator().manual_seed(8)
+    pn = PowerNorm(C)
+    for _ in range(3):
+        run_module_step(pn, *random_batch(gen, torch.float32))
+    pn.eval()
+    before = copy.deepcopy(pn.state_dict())
+    x = torch.randn(4, 2, C)
+    y = pn(x)
+    want = pn.weight * x / torch.sqrt(pn.running_phi + 1e-5) + pn.bias
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(pn(x[:, :1]), y[:, :1])  # no batch dependence
+    for k, v in pn.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_causal_mode_output_ignores_the_current_batch_even_in_warmup():
+    gen = torch.Generator().manual_seed(9)
+    pn = PowerNorm(C, warmup_updates=5, causal=True)
+    x, _, _ = random_batch(gen, torch.float32)
+    y = pn(x)
+    x2 = x.clone()
+    x2[-1] = 100.0  # change the last time step only
+    y2 = PowerNorm(C, warmup_updates=5, causal=True)(x2)
+    torch.testing.assert_close(y[:-1], y2[:-1])
+    with pytest.raises(ValueError, match="vanilla"):
+        PowerNorm(C, mode="vanilla", causal=True)
+
+
+def test_non_causal_warmup_does_depend_on_later_tokens():
+    gen = torch.Generator().manual_seed(9)
+    x, _, _ = random_batch(gen, torch.float32)
+    x2 = x.clone()
+    x2[-1] = 100.0
+    y = PowerNorm(C, warmup_updates=5)(x)
+    y2 = PowerNorm(C, warmup_updates=5)(x2)
+    assert not torch.allclose(y[:-1], y2[:-1])
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_keep_fp32_statistics(half):
+    gen = torch.Generator().manual_seed(10)
+    x, pad, dy = random_batch(gen, torch.float32)
+    ref = PowerNorm(C, group_num=3)
+    run_module_step(ref, x, pad, dy)
+    pn = PowerNorm(C, group_num=3).to(half)
+    assert pn.weight.dtype == half
+    assert pn.running_phi.dtype == torch.float32 and pn.running_nu.dtype == torch.float32
+    y, dx, dg, _ = run_module_step(pn, x.to(half), pad, dy.to(half))
+    assert y.dtype == half and dx.dtype == half and dg.dtype == half
+    torch.testing.assert_close(pn.running_phi, ref.running_phi, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(pn.running_nu, ref.running_nu, rtol=5e-2, atol=5e-2)
+    pn.float()
+    assert pn.running_phi.dtype == torch.float32
+    # values that overflow fp16 when squared still give finite statistics
+    big = PowerNorm(C).half()
+    big(torch.full((2, 2, C), 300.0, dtype=torch.float16))
+    assert torch.isfinite(big.running_phi).all()
+
+
+def test_double_keeps_double_buffers():
+    assert PowerNorm(C).double().running_phi.dtype == torch.float64
+
+
+def test_fp16_overflowed_gradient_leaves_nu_untouched():
+    pn = PowerNorm(C)
+    x = torch.randn(3, 2, C, requires_grad=True)
+    pn(x).backward(torch.full((3, 2, C), float("inf")))
+    assert torch.equal(pn.running_nu, torch.zeros(C))
+
+
+def test_build_norm_kinds():
+    assert isinstance(build_norm("power", C, group_num=3), PowerNorm)
+    assert build_norm("power_vanilla", C).mode == "vanilla"
+    assert build_norm("power", C, mode="official").mode == "official"
+    ln = build_norm("layer", C, group_num=3)  # power options are ignored for other kinds
+    x = torch.randn(2, 3, C)
+    torch.testing.assert_close(ln(x, padding_mask=None), torch.nn.functional.layer_norm(x, (C,)))
+    rms = build_norm("rms", C)
+    torch.testing.assert_close(rms(x), x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5))

@@ -1,0 +1,93 @@
+"""Synchronized statistics across two data-parallel workers (gloo on CPU)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from powernorm_plugin.modules import MaskedBatchNorm, PowerNorm
+
+T, B, C = 6, 8, 12
+STEPS = 3
+
+
+def make_batches():
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(T, B, C, generator=gen, dtype=torch.float64) + 0.5
+        dy = torch.randn(T, B, C, generator=gen, dtype=torch.float64)
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        out.append((x, torch.arange(T)[None, :] >= lengths[:, None], dy))
+    return out
+
+
+def make_norm(kind, sync):
+    if kind == "batch":
+        return MaskedBatchNorm(C, sync=sync).double()
+    return PowerNorm(C, mode=kind, group_num=3, warmup_updates=1, sync=sync).double()
+
+
+def train(norm, batches, cols):
+    grads = []
+    for x, pad, dy in batches:
+        xs = x[:, cols].clone().requires_grad_(True)
+        norm(xs, pad[cols]).backward(dy[:, cols])
+        grads.append(xs.grad)
+    return grads
+
+
+KINDS = ["paper", "official", "vanilla", "batch"]
+
+
+def worker(rank, port, out_dir):
+    """Each rank trains on its half of every batch: all kinds with sync, paper without."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        half = B // 2
+        cols = slice(rank * half, (rank + 1) * half)
+        results = {}
+        for kind, sync in [(k, True) for k in KINDS] + [("paper", False)]:
+            norm = make_norm(kind, sync)
+            grads = train(norm, make_batches(), cols)
+            results[f"{kind}-{sync}"] = {"state": norm.state_dict(), "grads": grads}
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sync")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_sync_equals_one_worker_on_the_whole_batch(kind, two_workers):
+    ranks = [r[f"{kind}-True"] for r in two_workers]
+    single = make_norm(kind, False)
+    full_grads = train(single, make_batches(), slice(None))
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
+        if name not in ("weight", "bias"):
+            torch.testing.assert_close(ranks[0]["state"][name], value)
+    half = B // 2
+    for step, full in enumerate(full_grads):
+        torch.testing.assert_close(ranks[0]["grads"][step], full[:, :half])
+        torch.testing.assert_close(ranks[1]["grads"][step], full[:, half:])
+
+
+@pytest.mark.slow
+def test_without_sync_workers_keep_their_own_statistics(two_workers):
+    a, b = (r["paper-False"]["state"]["running_phi"] for r in two_workers)
+    assert not torch.allclose(a, b)
