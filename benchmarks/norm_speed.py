@@ -23,12 +23,14 @@ def padding_mask(T, B, device, frac=0.1):
     return (torch.arange(T)[None, :] >= lengths[:, None]).to(device)
 
 
-def layers(C, heads):
+def layers(C, heads, backends):
     yield "LayerNorm", torch.nn.LayerNorm(C), False
     yield "MaskedBatchNorm", MaskedBatchNorm(C), True
-    for mode in ("paper", "official", "vanilla"):
-        yield f"PowerNorm[{mode}]", PowerNorm(C, mode=mode), True
-    yield f"PowerNorm[paper,group_num={heads}]", PowerNorm(C, group_num=heads), True
+    for backend in backends:
+        for mode in ("paper", "official", "vanilla"):
+            yield f"PowerNorm[{mode}] {backend}", PowerNorm(C, mode=mode, backend=backend), True
+        yield (f"PowerNorm[paper,group_num={heads}] {backend}",
+               PowerNorm(C, group_num=heads, backend=backend), True)
 
 
 def step_fn(layer, x, dy, pad, takes_mask):
@@ -69,17 +71,17 @@ def cpu_peak_memory_mb(step):
     return peak / 2**20
 
 
-def bench(shape, device, dtype, rounds, iters, heads):
+def bench(shape, device, dtype, rounds, iters, heads, backends):
     T, B, C = shape
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(T, B, C, generator=gen) + 0.3).to(device, dtype).requires_grad_(True)
     dy = torch.randn(T, B, C, generator=gen).to(device, dtype)
     pad = padding_mask(T, B, device)
     steps = {}
-    for name, layer, takes_mask in layers(C, heads):
+    for name, layer, takes_mask in layers(C, heads, backends):
         steps[name] = step_fn(layer.to(device, dtype).train(), x, dy, pad, takes_mask)
     times = {name: [] for name in steps}
-    for step in steps.values():
+    for step in steps.values():  # warm-up, and the compiled kernels' one-off compilation
         for _ in range(3):
             step()
     for _ in range(rounds):
@@ -103,8 +105,13 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--heads", type=int, default=8, help="group_num for the group-scaled variant")
+    p.add_argument("--backends", nargs="+", default=["compiled", "eager"],
+                   choices=["compiled", "eager"], help="PowerNorm backends to measure")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}")
@@ -113,7 +120,8 @@ def main():
         name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
         for s in args.shapes:
             shape = tuple(int(v) for v in s.split("x"))
-            med, mem = bench(shape, device, getattr(torch, args.dtype), args.rounds, args.iters, args.heads)
+            med, mem = bench(shape, device, getattr(torch, args.dtype), args.rounds, args.iters, args.heads,
+                             args.backends)
             ln = med["LayerNorm"]
             print(f"\n{name}  (T, B, C) = {shape}, fwd+bwd, training mode, ~10% padding")
             print(f"| layer | ms / iter | x LayerNorm | peak MB |")

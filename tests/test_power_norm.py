@@ -31,12 +31,16 @@ def run_module_step(pn, x, pad, dy):
 
 @pytest.mark.parametrize("groups", GROUPS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
-def test_matches_equations_over_consecutive_steps(mode, groups, dtype, tol):
+@pytest.mark.parametrize("backend,dtype,tol", [
+    ("eager", torch.float64, 1e-10),
+    ("eager", torch.float32, 2e-4),
+    pytest.param("compiled", torch.float32, 2e-4, marks=pytest.mark.slow),
+])
+def test_matches_equations_over_consecutive_steps(mode, groups, backend, dtype, tol):
     gen = torch.Generator().manual_seed(1)
     warmup = 2
     pn = PowerNorm(C, mode=mode, group_num=groups, warmup_updates=warmup, alpha_fwd=0.8,
-                   alpha_bkw=0.7).to(dtype)
+                   alpha_bkw=0.7, backend=backend).to(dtype)
     with torch.no_grad():
         pn.weight.copy_(1 + 0.1 * torch.randn(C, generator=gen))
         pn.bias.copy_(0.1 * torch.randn(C, generator=gen))
@@ -214,6 +218,28 @@ def test_fp16_overflowed_gradient_leaves_nu_untouched():
     x = torch.randn(3, 2, C, requires_grad=True)
     pn(x).backward(torch.full((3, 2, C), float("inf")))
     assert torch.equal(pn.running_nu, torch.zeros(C))
+
+
+def test_backend_choice():
+    assert PowerNorm(C, backend="eager").backend == "eager"
+    with pytest.raises(ValueError, match="auto, compiled, eager"):
+        PowerNorm(C, backend="triton")
+
+
+@pytest.mark.slow
+def test_compiled_backend_matches_eager_with_low_precision_and_padding():
+    gen = torch.Generator().manual_seed(11)
+    x, pad, dy = random_batch(gen, torch.float32)
+    results = []
+    for backend in ("eager", "compiled"):
+        pn = PowerNorm(C, group_num=3, backend=backend).to(torch.bfloat16)
+        outs = []
+        for _ in range(2):
+            outs += run_module_step(pn, x.to(torch.bfloat16), pad, dy.to(torch.bfloat16))
+        results.append(outs + [pn.running_phi, pn.running_nu])
+    for e, c in zip(*results):
+        assert e.dtype == c.dtype
+        torch.testing.assert_close(e.float(), c.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_build_norm_kinds():

@@ -12,7 +12,7 @@ It has no parameters and no batch statistics, so padding plays no part. Backward
 import torch
 from torch import nn
 
-from ._util import compute_dtype
+from .kernels import EAGER, kernels_for
 
 
 class GroupRMSScaleFunction(torch.autograd.Function):
@@ -23,28 +23,22 @@ class GroupRMSScaleFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, groups, eps):
-        n, c = x.shape
-        xv = x.to(compute_dtype(x)).view(n, groups, c // groups)
-        r = torch.rsqrt(xv.pow(2).mean(-1, keepdim=True).add_(eps))
-        z = xv * r
+    def forward(ctx, x, groups, eps, kernels=EAGER):
+        z, r = kernels.group_scale(x, groups, eps)
+        ctx.kernels = kernels
         ctx.save_for_backward(z, r)
-        return z.view(n, c).to(x.dtype)
+        return z.view(x.shape).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dz):
         z, r = ctx.saved_tensors
-        n, groups, cg = z.shape
-        dzv = dz.to(z.dtype).reshape(n, groups, cg)
-        q = (dzv * z).mean(-1, keepdim=True)
-        dx = torch.addcmul(dzv, z, q, value=-1).mul_(r)
-        return dx.view(n, groups * cg).to(dz.dtype), None, None
+        return ctx.kernels.group_scale_grad(dz.contiguous(), z, r), None, None, None
 
 
-def group_rms_scale(x, groups, eps=1e-5):
+def group_rms_scale(x, groups, eps=1e-5, backend="auto"):
     """Apply per-token group RMS scaling to ``x`` of shape (..., C); C must divide by groups."""
     shape = x.shape
-    z = GroupRMSScaleFunction.apply(x.reshape(-1, shape[-1]), groups, eps)
+    z = GroupRMSScaleFunction.apply(x.reshape(-1, shape[-1]), groups, eps, kernels_for(backend))
     return z.view(shape)
 
 

@@ -38,9 +38,9 @@ from ._util import (
     compute_dtype,
     distributed_world,
     token_mask,
-    token_sum,
 )
-from .group_scaling import check_groups, group_rms_scale
+from .group_scaling import GroupRMSScaleFunction, check_groups
+from .kernels import kernels_for, resolve_backend
 
 MODES = ("paper", "official", "vanilla")
 
@@ -57,6 +57,7 @@ class PowerNormConfig(NamedTuple):
     process_group: object
     causal: bool
     name: str
+    kernels: object
 
 
 class PowerNormFunction(torch.autograd.Function):
@@ -70,20 +71,17 @@ class PowerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
+        k = cfg.kernels
         cd = compute_dtype(z)
-        zc = z.to(cd)
         C = z.size(1)
         group = distributed_world(cfg.sync, cfg.process_group)
 
         # One all-reduce carries the token sum of z^2 and the token count and, for the
         # official mode, the sum of z^2 over every row and the row count.
-        sq = zc * zc
-        token_sq = token_sum(sq, mask)
+        token_sq, all_sq = k.sq_sums(z, mask)
         parts = [token_sq, token_sq.new_tensor([mask.count])]
         if cfg.mode == "official":
-            all_sq = token_sq if mask.pad_rows is None else token_sq + sq[mask.pad_rows].sum(0)
             parts += [all_sq, token_sq.new_tensor([mask.rows])]
-        del sq
         stats = all_reduce_sum(torch.cat(parts), group)
         count = float(stats[C])
         phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
@@ -113,61 +111,48 @@ class PowerNormFunction(torch.autograd.Function):
         inv = torch.rsqrt(scale_var + cfg.eps)
         w = weight.to(cd) if weight is not None else torch.ones_like(inv)
         b = bias.to(cd) if bias is not None else torch.zeros_like(inv)
-        y = torch.addcmul(b, zc, w * inv)
+        y = k.scale_shift(z, w * inv, b)
 
         ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
         ctx.running_nu = running_nu
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(z, w, inv, *saved)
-        return y.to(z.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        cfg, mask = ctx.cfg, ctx.mask
+        cfg, mask, k = ctx.cfg, ctx.mask, ctx.cfg.kernels
         z, w, inv, *saved = ctx.saved_tensors
-        cd = inv.dtype
-        zc = z.to(cd)
-        dyc = dy.to(cd)
+        dy = dy.contiguous()
 
-        # sum_n dy_n z_n over token rows, and over all rows (gamma's gradient takes all rows)
-        prod = dyc * zc
-        token_dz = token_sum(prod, mask)
-        all_dz = token_dz if mask.pad_rows is None else token_dz + prod[mask.pad_rows].sum(0)
-        del prod
+        # sum_n dy_n z_n over token rows and over all rows (gamma's gradient takes all rows)
+        token_dz, all_dz, dy_sum = k.grad_sums(dy, z, mask)
 
-        a = w * inv  # every mode: dz = a * dy - b * z, with b left out on padding rows
+        a = w * inv  # every mode: dz = a * dy - b * z, the b term only on token rows
         if ctx.count == 0:
-            dz = dyc * a
+            dz = k.affine_grad(dy, z, None, a, torch.zeros_like(a))
         elif cfg.mode == "vanilla":
             # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n
             total = all_reduce_sum(all_dz.clone(), ctx.group)
-            dz = _affine_grad(dyc, zc, a, w * inv.pow(3) * total / ctx.count, mask.pad_rows)
+            dz = k.affine_grad(dy, z, mask, a, w * inv.pow(3) * total / ctx.count)
         else:
-            nu = ctx.running_nu.to(cd)
+            nu = ctx.running_nu.to(inv.dtype)
             if cfg.mode == "paper":
                 (psi_b,) = saved
-                dz = _affine_grad(dyc, zc, a, nu * inv * inv, mask.pad_rows)
+                dz = k.affine_grad(dy, z, mask, a, nu * inv * inv)
                 gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
                 lambda_t = w * inv * all_reduce_sum(token_dz.clone(), ctx.group) / ctx.count
             else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
                 all_sq, inv_b = saved
-                dz = torch.addcmul(dyc * (w * inv_b), zc, nu * inv * inv_b, value=-1)
+                dz = k.affine_grad(dy, z, None, w * inv_b, nu * inv * inv_b)
                 gamma_t = inv * inv * all_sq / ctx.rows
                 lambda_t = w * inv * all_reduce_sum(all_dz.clone(), ctx.group) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
 
         grad_w = (all_dz * inv).to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
-        grad_b = dyc.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dz.to(dy.dtype), grad_w, grad_b, None, None, None, None, None
-
-
-def _affine_grad(dy, z, a, b, pad_rows):
-    """dz_n = a * dy_n - m_n * b * z_n, where m_n = 0 on padding rows."""
-    dz = torch.addcmul(dy * a, z, b, value=-1)
-    if pad_rows is not None:
-        dz.index_add_(0, pad_rows, z[pad_rows] * b)
-    return dz
+        grad_b = dy_sum.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return dz, grad_w, grad_b, None, None, None, None, None
 
 
 def _update_running_phi(running_phi, psi_b, step, warm, cfg):
@@ -210,6 +195,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
             position cannot see later tokens: warm-up normalizes by the running statistic of
             earlier steps (psi^2 still gets the cumulative mean), and ``mode="vanilla"`` is
             refused.
+        backend: ``"auto"`` (``$POWERNORM_BACKEND``, else compiled with eager fallback),
+            ``"compiled"`` (fused by torch.compile) or ``"eager"``; see ``kernels.py``.
 
     Buffers (all saved in ``state_dict``): ``running_phi`` (psi^2, starts at 1),
     ``running_nu`` (nu, starts at 0), ``num_steps`` (training calls that saw tokens).
@@ -217,7 +204,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
 
     def __init__(self, num_features, eps=1e-5, alpha_fwd=0.9, alpha_bkw=0.9, warmup_updates=0,
                  group_num=None, mode="paper", affine=True, sync=False, process_group=None,
-                 causal=False):
+                 causal=False, backend="auto"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"PowerNorm mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -245,6 +232,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         self.sync = sync
         self.process_group = process_group
         self.causal = causal
+        self.backend = backend
+        resolve_backend(backend)
         self.name = "PowerNorm"  # architectures set the module path for error messages
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
@@ -260,14 +249,15 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         check_input(x, self.num_features, self.name)
         T, B, C = x.shape
         z = x.reshape(T * B, C)
+        kernels = kernels_for(self.backend)
         if self.group_num is not None:
-            z = group_rms_scale(z, self.group_num, self.eps)
+            z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, kernels)
         if not self.training:
             return self.eval_affine(z).view(T, B, C)
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = PowerNormConfig(self.mode, self.eps, self.alpha_fwd, self.alpha_bkw,
                               self.warmup_updates, self.sync, self.process_group, self.causal,
-                              self.name)
+                              self.name, kernels)
         y = PowerNormFunction.apply(z, self.weight, self.bias, self.running_phi,
                                     self.running_nu, self.num_steps, mask, cfg)
         return y.view(T, B, C)
