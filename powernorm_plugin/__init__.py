@@ -5,7 +5,6 @@ checkpoint loading with fairseq when fairseq is installed. Without fairseq, the
 normalization layers (:mod:`powernorm_plugin.modules`) and the projection math
 (:mod:`powernorm_plugin.nap`) remain usable from any PyTorch code.
 """
-import importlib.util
 import os
 
 __version__ = "0.1.0"
@@ -13,7 +12,10 @@ __version__ = "0.1.0"
 #: The folder to pass to ``fairseq-train --user-dir``.
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 
-HAVE_FAIRSEQ = importlib.util.find_spec("fairseq") is not None
-
-if HAVE_FAIRSEQ:
+try:
+    import fairseq  # noqa: F401
+except ImportError:
+    HAVE_FAIRSEQ = False
+else:
+    HAVE_FAIRSEQ = True
     from . import checkpoint, models, optim  # noqa: F401  (registration side effects)

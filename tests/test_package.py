@@ -1,0 +1,56 @@
+"""The package: --user-dir discovery, registration with fairseq, use without fairseq."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_python(code, **kw):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, **kw)
+
+
+def test_user_dir_command_prints_the_package_folder():
+    out = subprocess.run([sys.executable, "-m", "powernorm_plugin", "--user-dir"],
+                         capture_output=True, text=True, check=True)
+    path = out.stdout.strip()
+    assert os.path.basename(path) == "powernorm_plugin"
+    assert os.path.isfile(os.path.join(path, "__init__.py"))
+
+
+@pytest.mark.slow
+def test_fairseq_user_dir_registers_architectures_and_optimizers(user_dir):
+    code = f"""
+import argparse
+from fairseq import utils
+utils.import_user_module(argparse.Namespace(user_dir={user_dir!r}))
+from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.optim import OPTIMIZER_REGISTRY
+for arch in ["powernorm_transformer_iwslt_de_en", "powernorm_transformer_wmt_en_de",
+             "powernorm_transformer_vaswani_wmt_en_de_big", "powernorm_transformer_wmt_en_de_big_t2t",
+             "powernorm_transformer_lm", "powernorm_transformer_lm_wiki103", "powernorm_transformer_lm_ptb"]:
+    assert arch in ARCH_MODEL_REGISTRY, arch
+assert "nap_adam" in OPTIMIZER_REGISTRY and "nap_sgd" in OPTIMIZER_REGISTRY
+print("ok")
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_modules_work_without_fairseq():
+    code = """
+import sys
+sys.modules["fairseq"] = None  # as if fairseq were not installed
+import torch, powernorm_plugin
+from powernorm_plugin.modules import PowerNorm
+assert powernorm_plugin.HAVE_FAIRSEQ is False
+assert "powernorm_plugin.models" not in sys.modules
+y = PowerNorm(4, backend="eager")(torch.randn(3, 2, 4))
+assert y.shape == (3, 2, 4)
+print("ok")
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
