@@ -18,4 +18,6 @@ except ImportError:
     HAVE_FAIRSEQ = False
 else:
     HAVE_FAIRSEQ = True
-    from . import checkpoint, models, optim  # noqa: F401  (registration side effects)
+    from . import checkpoint, exact_resume, models, optim  # noqa: F401  (registration side effects)
+
+    exact_resume.install()
