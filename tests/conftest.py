@@ -138,15 +138,15 @@ def trained_models(tmp_path_factory, reverse_task, counting_lm_task):
         jobs[name] = _train_cmd(
             reverse_task["data"], str(root / name), "--arch", "powernorm_transformer_iwslt_de_en",
             *TINY_TRANSLATION_FLAGS, "--encoder-norm-self", enc, "--encoder-norm-ff", enc,
-            "--share-all-embeddings", "--lr", "0.005", "--warmup-updates", "50",
+            "--share-all-embeddings", "--lr", "0.007", "--warmup-updates", "50",
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--dropout", "0.0", "--max-tokens", "1000", max_update=240,
+            "--dropout", "0.0", "--max-tokens", "1000", max_update=200,
         )
     jobs["lm"] = _train_cmd(
         counting_lm_task, str(root / "lm"), "--task", "language_modeling",
         "--arch", "powernorm_transformer_lm", "--decoder-embed-dim", "32",
         "--decoder-ffn-embed-dim", "64", "--decoder-layers", "2", "--decoder-attention-heads", "4",
-        "--tokens-per-sample", "16", "--sample-break-mode", "eos", "--lr", "0.005",
+        "--tokens-per-sample", "16", "--sample-break-mode", "complete", "--lr", "0.005",
         "--warmup-updates", "20", "--dropout", "0.0", "--max-tokens", "512",
         "--criterion", "cross_entropy", "--save-interval-updates", "10", max_update=120,
     )
@@ -169,3 +169,34 @@ def trained_models(tmp_path_factory, reverse_task, counting_lm_task):
     results["reverse_task"] = reverse_task
     results["lm_data"] = counting_lm_task
     return results
+
+
+@pytest.fixture(scope="session")
+def build_plugin_model():
+    """A function building a plugin model in-process from command-line flags.
+
+    ``build_plugin_model(arch, *flags, task="translation")`` parses the flags as fairseq-train
+    would (architecture defaults included) and builds the model on a dictionary of
+    TINY_WORDS; returns (model, args, dictionary).
+    """
+    from types import SimpleNamespace
+
+    from fairseq import options
+    from fairseq.data import Dictionary
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import powernorm_plugin  # noqa: F401  (registers the models)
+
+    def build(arch, *flags, task="translation"):
+        dictionary = Dictionary()
+        for w in TINY_WORDS:
+            dictionary.add_symbol(w)
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(
+            parser, ["/nonexistent-data", "--task", task, "--arch", arch, *map(str, flags)]
+        )
+        fake_task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
+        model = ARCH_MODEL_REGISTRY[arch].build_model(args, fake_task)
+        return model, args, dictionary
+
+    return build

@@ -1,0 +1,102 @@
+"""``python -m powernorm_plugin.cli.fold_norms`` on checkpoints trained by fairseq-train."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_fairseq
+
+pytestmark = pytest.mark.slow
+
+
+def _fold(src, dst):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "powernorm_plugin.cli.fold_norms", "--input", src,
+                           "--output", dst], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _hypotheses(out):
+    rows = [line.split("\t") for line in out.splitlines() if line.startswith("H-")]
+    return {int(r[0][2:]): (float(r[1]), r[2]) for r in rows}
+
+
+def _load(ckpt, data):
+    from powernorm_plugin.models import PowerNormTransformerModel
+
+    hub = PowerNormTransformerModel.from_pretrained(os.path.dirname(ckpt),
+                                                    checkpoint_file=os.path.basename(ckpt),
+                                                    data_name_or_path=data)
+    return hub.models[0]
+
+
+def _count(model, *types):
+    return sum(isinstance(m, types) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def folded_power(trained_models, tmp_path_factory):
+    src = os.path.join(trained_models["power"]["dir"], "checkpoint_best.pt")
+    dst = str(tmp_path_factory.mktemp("folded") / "folded.pt")
+    proc = _fold(src, dst)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return src, dst
+
+
+def test_folded_checkpoint_generates_identical_translations(trained_models, folded_power, user_dir):
+    outputs = []
+    for ckpt in folded_power:
+        out = run_fairseq("generate", trained_models["reverse_task"]["data"], "--user-dir", user_dir,
+                          "--cpu", "--path", ckpt, "--beam", "5", "--batch-size", "64").stdout
+        outputs.append(_hypotheses(out))
+    before, after = outputs
+    assert len(before) == len(trained_models["reverse_task"]["test_pairs"])
+    assert {k: v[1] for k, v in before.items()} == {k: v[1] for k, v in after.items()}
+    for k in before:
+        assert after[k][0] == pytest.approx(before[k][0], abs=1e-4)
+
+
+def test_folded_checkpoint_has_fewer_norm_ops(trained_models, folded_power):
+    from powernorm_plugin.modules import GroupScaling, PowerNorm
+
+    data = trained_models["reverse_task"]["data"]
+    original, folded = (_load(c, data) for c in folded_power)
+    assert _count(original, PowerNorm) == 5  # 2 encoder layers x 2 sites + the final norm
+    assert _count(folded, PowerNorm) == 0
+    assert _count(folded, GroupScaling) == 5  # only the parameter-free group scaling is left
+
+
+def test_batchnorm_fold_keeps_model_outputs(trained_models, tmp_path):
+    from powernorm_plugin.modules import IdentityNorm, MaskedBatchNorm
+
+    src = os.path.join(trained_models["batch"]["dir"], "checkpoint_best.pt")
+    dst = str(tmp_path / "folded.pt")
+    assert _fold(src, dst).returncode == 0
+    data = trained_models["reverse_task"]["data"]
+    original, folded = _load(src, data), _load(dst, data)
+    assert _count(original, MaskedBatchNorm) == 5 and _count(folded, MaskedBatchNorm) == 0
+    assert _count(folded, IdentityNorm) == 5
+    d = original.encoder.dictionary
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(d.nspecial, len(d), (4, 6), generator=g)
+    tokens[0, :2] = d.pad()
+    prev = torch.randint(d.nspecial, len(d), (4, 5), generator=g)
+    lengths = tokens.ne(d.pad()).sum(1)
+    with torch.no_grad():
+        a = original(tokens, lengths, prev)[0]
+        b = folded(tokens, lengths, prev)[0]
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_fold_refuses_what_it_cannot_fold(trained_models, folded_power, tmp_path, capsys):
+    from powernorm_plugin.cli.fold_norms import main
+
+    assert main(["--input", os.path.join(trained_models["layer"]["dir"], "checkpoint_best.pt"),
+                 "--output", str(tmp_path / "x.pt")]) == 1
+    assert "nothing to fold" in capsys.readouterr().err
+    assert main(["--input", folded_power[1], "--output", str(tmp_path / "y.pt")]) == 1
+    assert "already folded" in capsys.readouterr().err
+    assert main(["--input", folded_power[0], "--output", folded_power[0]]) == 2
+    assert "--output must differ" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.pt") and not os.path.exists(tmp_path / "y.pt")
