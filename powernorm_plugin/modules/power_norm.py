@@ -40,7 +40,7 @@ from ._util import (
     token_mask,
 )
 from .group_scaling import GroupRMSScaleFunction, check_groups
-from .kernels import kernels_for, resolve_backend
+from .kernels import EAGER, kernels_for, resolve_backend
 
 MODES = ("paper", "official", "vanilla")
 
@@ -249,7 +249,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         check_input(x, self.num_features, self.name)
         T, B, C = x.shape
         z = x.reshape(T * B, C)
-        kernels = kernels_for(self.backend)
+        # Inference is a per-feature affine map: compiling it would cost more than it saves.
+        kernels = kernels_for(self.backend) if self.training else EAGER
         if self.group_num is not None:
             z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, kernels)
         if not self.training:
