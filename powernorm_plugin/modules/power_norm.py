@@ -76,15 +76,26 @@ class PowerNormFunction(torch.autograd.Function):
         C = z.size(1)
         group = distributed_world(cfg.sync, cfg.process_group)
 
+        step = int(num_steps) + 1
+        warm = step <= cfg.warmup_updates
+        use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
+        phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
+        w = weight.to(cd) if weight is not None else torch.ones_like(phi_prev)
+        b = bias.to(cd) if bias is not None else torch.zeros_like(phi_prev)
+        y = None
+        if use_batch:  # the scale waits for this batch's statistic
+            token_sq, all_sq = k.sq_sums(z, mask)
+        else:  # steady state: the output and the sums in one pass
+            inv = torch.rsqrt(phi_prev + cfg.eps)
+            y, token_sq, all_sq = k.normalize_and_sums(z, mask, w * inv, b)
+
         # One all-reduce carries the token sum of z^2 and the token count and, for the
         # official mode, the sum of z^2 over every row and the row count.
-        token_sq, all_sq = k.sq_sums(z, mask)
         parts = [token_sq, token_sq.new_tensor([mask.count])]
         if cfg.mode == "official":
             parts += [all_sq, token_sq.new_tensor([mask.rows])]
         stats = all_reduce_sum(torch.cat(parts), group)
         count = float(stats[C])
-        phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
 
         saved = []
         if count > 0:
@@ -94,10 +105,6 @@ class PowerNormFunction(torch.autograd.Function):
                     f"{cfg.name}: the batch statistic psi_B^2 is not finite (the input holds NaN "
                     "or Inf, or z^2 overflowed); its running statistics were left unchanged"
                 )
-            step = int(num_steps) + 1
-            warm = step <= cfg.warmup_updates
-            use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
-            scale_var = psi_b if use_batch else phi_prev
             _update_running_phi(running_phi, psi_b, step, warm, cfg)
             num_steps.add_(1)
             if cfg.mode == "paper":
@@ -105,13 +112,12 @@ class PowerNormFunction(torch.autograd.Function):
             elif cfg.mode == "official":
                 ctx.rows = float(stats[2 * C + 1])
                 saved = [stats[C + 1 : 2 * C + 1], torch.rsqrt(psi_b + cfg.eps)]
-        else:  # a batch of padding only: nothing to learn from, nothing updated
-            scale_var = phi_prev
-
-        inv = torch.rsqrt(scale_var + cfg.eps)
-        w = weight.to(cd) if weight is not None else torch.ones_like(inv)
-        b = bias.to(cd) if bias is not None else torch.zeros_like(inv)
-        y = k.scale_shift(z, w * inv, b)
+            if use_batch:
+                inv = torch.rsqrt(psi_b + cfg.eps)
+        elif use_batch:  # a batch of padding only: nothing to learn from, nothing updated
+            inv = torch.rsqrt(phi_prev + cfg.eps)
+        if y is None:
+            y = k.scale_shift(z, w * inv, b)
 
         ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
         ctx.running_nu = running_nu
@@ -126,26 +132,27 @@ class PowerNormFunction(torch.autograd.Function):
         z, w, inv, *saved = ctx.saved_tensors
         dy = dy.contiguous()
 
-        # sum_n dy_n z_n over token rows and over all rows (gamma's gradient takes all rows)
-        token_dz, all_dz, dy_sum = k.grad_sums(dy, z, mask)
-
-        a = w * inv  # every mode: dz = a * dy - b * z, the b term only on token rows
+        # Every mode: dz = a * dy - b * z, the b term on token rows only (official: all rows),
+        # with the sums over token rows and over all rows of dy * z (gamma's gradient takes all).
+        a = w * inv
         if ctx.count == 0:
-            dz = k.affine_grad(dy, z, None, a, torch.zeros_like(a))
+            dz, token_dz, all_dz, dy_sum = k.grad_and_sums(dy, z, mask, mask, a, torch.zeros_like(a))
         elif cfg.mode == "vanilla":
             # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n
+            token_dz, all_dz, dy_sum = k.grad_sums(dy, z, mask)
             total = all_reduce_sum(all_dz.clone(), ctx.group)
             dz = k.affine_grad(dy, z, mask, a, w * inv.pow(3) * total / ctx.count)
         else:
             nu = ctx.running_nu.to(inv.dtype)
             if cfg.mode == "paper":
                 (psi_b,) = saved
-                dz = k.affine_grad(dy, z, mask, a, nu * inv * inv)
+                dz, token_dz, all_dz, dy_sum = k.grad_and_sums(dy, z, mask, mask, a, nu * inv * inv)
                 gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
                 lambda_t = w * inv * all_reduce_sum(token_dz.clone(), ctx.group) / ctx.count
             else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
                 all_sq, inv_b = saved
-                dz = k.affine_grad(dy, z, None, w * inv_b, nu * inv * inv_b)
+                dz, token_dz, all_dz, dy_sum = k.grad_and_sums(dy, z, mask, None, w * inv_b,
+                                                               nu * inv * inv_b)
                 gamma_t = inv * inv * all_sq / ctx.rows
                 lambda_t = w * inv * all_reduce_sum(all_dz.clone(), ctx.group) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
