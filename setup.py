@@ -2,11 +2,13 @@
 
 ``pip install .`` installs the plugin alone and keeps whatever fairseq the user has;
 ``pip install .[fairseq]`` adds the fairseq build that installs on Python >= 3.11;
-``pip install .[test]`` adds what the test suite needs.
+``pip install .[recipes]`` adds what the reproduction recipes need, and
+``pip install .[test]`` what the test suite needs.
 """
 from setuptools import find_packages, setup
 
 FAIRSEQ = ["ve-fairseq==0.12.3", "sacrebleu>=2.0", "sentencepiece>=0.1.99"]
+RECIPES = ["sacremoses>=0.1"]  # Moses-compatible tokenization for the paper's BLEU
 
 setup(
     name="powernorm-fairseq",
@@ -19,7 +21,8 @@ setup(
     install_requires=["torch>=2.0"],
     extras_require={
         "fairseq": FAIRSEQ,
-        "test": FAIRSEQ + ["pytest>=7"],
+        "recipes": FAIRSEQ + RECIPES,
+        "test": FAIRSEQ + RECIPES + ["pytest>=7"],
     },
     entry_points={
         "console_scripts": [

@@ -82,12 +82,7 @@ class PowerNormFunction(torch.autograd.Function):
         phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
         w = weight.to(cd) if weight is not None else torch.ones_like(phi_prev)
         b = bias.to(cd) if bias is not None else torch.zeros_like(phi_prev)
-        y = None
-        if use_batch:  # the scale waits for this batch's statistic
-            token_sq, all_sq = k.sq_sums(z, mask)
-        else:  # steady state: the output and the sums in one pass
-            inv = torch.rsqrt(phi_prev + cfg.eps)
-            y, token_sq, all_sq = k.normalize_and_sums(z, mask, w * inv, b)
+        token_sq, all_sq = k.sq_sums(z, mask)
 
         # One all-reduce carries the token sum of z^2 and the token count and, for the
         # official mode, the sum of z^2 over every row and the row count.
@@ -112,12 +107,10 @@ class PowerNormFunction(torch.autograd.Function):
             elif cfg.mode == "official":
                 ctx.rows = float(stats[2 * C + 1])
                 saved = [stats[C + 1 : 2 * C + 1], torch.rsqrt(psi_b + cfg.eps)]
-            if use_batch:
-                inv = torch.rsqrt(psi_b + cfg.eps)
-        elif use_batch:  # a batch of padding only: nothing to learn from, nothing updated
-            inv = torch.rsqrt(phi_prev + cfg.eps)
-        if y is None:
-            y = k.scale_shift(z, w * inv, b)
+        else:  # a batch of padding only: nothing to learn from, nothing updated
+            use_batch = False
+        inv = torch.rsqrt((psi_b if use_batch else phi_prev) + cfg.eps)
+        y = k.scale_shift(z, w * inv, b)
 
         ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
         ctx.running_nu = running_nu
@@ -134,25 +127,24 @@ class PowerNormFunction(torch.autograd.Function):
 
         # Every mode: dz = a * dy - b * z, the b term on token rows only (official: all rows),
         # with the sums over token rows and over all rows of dy * z (gamma's gradient takes all).
+        token_dz, all_dz, dy_sum = k.grad_sums(dy, z, mask)
         a = w * inv
         if ctx.count == 0:
-            dz, token_dz, all_dz, dy_sum = k.grad_and_sums(dy, z, mask, mask, a, torch.zeros_like(a))
+            dz = k.affine_grad(dy, z, mask, a, torch.zeros_like(a))
         elif cfg.mode == "vanilla":
             # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n
-            token_dz, all_dz, dy_sum = k.grad_sums(dy, z, mask)
             total = all_reduce_sum(all_dz.clone(), ctx.group)
             dz = k.affine_grad(dy, z, mask, a, w * inv.pow(3) * total / ctx.count)
         else:
             nu = ctx.running_nu.to(inv.dtype)
             if cfg.mode == "paper":
                 (psi_b,) = saved
-                dz, token_dz, all_dz, dy_sum = k.grad_and_sums(dy, z, mask, mask, a, nu * inv * inv)
+                dz = k.affine_grad(dy, z, mask, a, nu * inv * inv)
                 gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
                 lambda_t = w * inv * all_reduce_sum(token_dz.clone(), ctx.group) / ctx.count
             else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
                 all_sq, inv_b = saved
-                dz, token_dz, all_dz, dy_sum = k.grad_and_sums(dy, z, mask, None, w * inv_b,
-                                                               nu * inv * inv_b)
+                dz = k.affine_grad(dy, z, None, w * inv_b, nu * inv * inv_b)
                 gamma_t = inv * inv * all_sq / ctx.rows
                 lambda_t = w * inv * all_reduce_sum(all_dz.clone(), ctx.group) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)

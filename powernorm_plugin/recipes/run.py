@@ -1,0 +1,238 @@
+"""Train, evaluate and compare the normalization variants of a recipe.
+
+Work-directory layout (besides the data stages of :mod:`.prepare`)::
+
+    checkpoints/<variant>/     fairseq checkpoints and train.log of one variant
+    results/<variant>/         generate-test.txt (translation) of the averaged model
+    results/<variant>.json     the variant's figures; results/<variant>.md its table row
+
+A variant is a norm (``ln``, ``bn``, ``pnv``, ``pn``) with ``-nap`` appended for
+Normalize-and-Project. Translation models put the variant's norm in the encoder (its
+self-attention and FFN inputs and its final norm) and LayerNorm throughout the decoder, as
+the paper's Table 1 runs; language models put it at every decoder norm.
+"""
+import glob
+import logging
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+from . import results as res
+from . import scoring, text
+from .definitions import Recipe, get_recipe
+
+logger = logging.getLogger(__name__)
+
+#: Norm kinds that normalize by the current batch; in a decoder they leak later tokens.
+_NONCAUSAL = ("batch", "power_vanilla")
+
+
+def _user_dir() -> str:
+    import powernorm_plugin
+
+    return powernorm_plugin.USER_DIR
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def databin(workdir: str) -> str:
+    path = os.path.join(workdir, "data-bin")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: run the recipe's prepare step with --workdir {workdir} first"
+        )
+    return path
+
+
+def norm_flags(recipe: Recipe, norm: str) -> List[str]:
+    kind = res.NORMS[norm][1]
+    if recipe.kind == "translation":
+        return ["--encoder-norm-self", kind, "--encoder-norm-ff", kind,
+                "--decoder-norm-self", "layer", "--decoder-norm-ff", "layer"]
+    flags = ["--decoder-norm-self", kind, "--decoder-norm-ff", kind]
+    if kind in _NONCAUSAL:
+        # The paper's BN and PN-V language-model rows normalize by batch statistics that
+        # include later tokens; the plugin refuses this unless asked explicitly.
+        flags.append("--allow-noncausal-decoder-norm")
+    return flags
+
+
+def update_freq_for(recipe: Recipe, gpus: int, max_tokens: int) -> int:
+    """Update frequency that gives the authors' tokens per update on ``gpus`` workers:
+    ceil(tokens_per_update / (max(gpus, 1) * max_tokens))."""
+    return max(1, math.ceil(recipe.tokens_per_update / (max(gpus, 1) * max_tokens)))
+
+
+def train_command(
+    name: str,
+    workdir: str,
+    norm: str,
+    nap: bool = False,
+    gpus: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    update_freq: Optional[int] = None,
+    nap_activation_norm: str = "layer",
+    log_interval: int = 50,
+    extra: Sequence[str] = (),
+) -> List[str]:
+    """The fairseq-train arguments of a variant (authors' settings, then ``extra``)."""
+    recipe = get_recipe(name)
+    variant = res.variant_name(norm, nap)
+    gpus = _gpu_count() if gpus is None else gpus
+    if gpus < 0:
+        raise ValueError(f"--gpus must be >= 0, got {gpus}")
+    max_tokens = max_tokens or recipe.max_tokens
+    freq = update_freq or update_freq_for(recipe, gpus, max_tokens)
+    logger.info(
+        "%s %s: %d tokens per update (%d worker(s) x %d tokens x update-freq %d); authors: %s",
+        name, variant, max(gpus, 1) * max_tokens * freq, max(gpus, 1), max_tokens, freq,
+        recipe.reference_hardware,
+    )
+    argv = [databin(workdir), "--user-dir", _user_dir(), "--arch", recipe.arch]
+    argv += norm_flags(recipe, norm)
+    if nap:
+        # NaP = a norm before each nonlinearity + projection after every step.
+        argv += ["--optimizer", "nap_" + recipe.optimizer, "--ffn-activation-norm", nap_activation_norm]
+    else:
+        argv += ["--optimizer", recipe.optimizer]
+    argv += list(recipe.train_args)
+    argv += ["--max-tokens", str(max_tokens), "--update-freq", str(freq)]
+    if gpus == 0:
+        argv += ["--cpu"]
+    elif gpus > 1:
+        argv += ["--distributed-world-size", str(gpus), "--ddp-backend", "legacy_ddp"]
+    argv += ["--save-dir", os.path.join(workdir, "checkpoints", variant),
+             "--log-format", "simple", "--log-interval", str(log_interval)]
+    return argv + list(extra)
+
+
+def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool = False, **kwargs) -> List[str]:
+    """Train a variant (resuming from its last checkpoint, as fairseq-train does)."""
+    from . import fairseq_run
+
+    argv = train_command(name, workdir, norm, nap, **kwargs)
+    if dry_run:
+        fairseq_run._announce("fairseq-train", argv)
+        return argv
+    save_dir = os.path.join(workdir, "checkpoints", res.variant_name(norm, nap))
+    os.makedirs(save_dir, exist_ok=True)
+    fairseq_run.train(argv, log_path=os.path.join(save_dir, "train.log"))
+    return argv
+
+
+def _average(save_dir: str, count: int) -> str:
+    from . import fairseq_run
+
+    if not os.path.isdir(save_dir):
+        raise FileNotFoundError(f"{save_dir} does not exist: train this variant first")
+    out = os.path.join(save_dir, f"checkpoint.avg{count}.pt")
+    fairseq_run.average_checkpoints(["--inputs", save_dir, "--num-epoch-checkpoints", str(count),
+                                     "--output", out])
+    return out
+
+
+def evaluate(
+    name: str,
+    workdir: str,
+    norm: str,
+    nap: bool = False,
+    num_checkpoints: Optional[int] = None,
+    gpus: Optional[int] = None,
+    extra: Sequence[str] = (),
+) -> Dict:
+    """Average the variant's last epoch checkpoints, score the test set, write the results."""
+    from . import fairseq_run
+
+    recipe = get_recipe(name)
+    variant = res.variant_name(norm, nap)
+    data = databin(workdir)
+    count = num_checkpoints or recipe.average_last
+    avg = _average(os.path.join(workdir, "checkpoints", variant), count)
+    gpus = _gpu_count() if gpus is None else gpus
+    device = ["--cpu"] if gpus == 0 else []
+    record = {"recipe": name, "norm": norm, "nap": nap, "variant": variant,
+              "checkpoint": os.path.abspath(avg), "averaged_checkpoints": count}
+    if recipe.kind == "translation":
+        out_dir = os.path.join(workdir, "results", variant)
+        os.makedirs(out_dir, exist_ok=True)
+        fairseq_run.generate([
+            data, "--user-dir", _user_dir(), "--path", avg, "--gen-subset", "test",
+            "--source-lang", recipe.source, "--target-lang", recipe.target,
+            "--post-process", "sentencepiece", "--results-path", out_dir,
+            # fairseq's batching drops the last (batch size mod this multiple) sentences
+            # of the test set when the multiple is > 1 (its default for generate is 8)
+            "--required-batch-size-multiple", "1",
+            *recipe.eval_args, *device, *extra,
+        ])
+        record.update(score_translation(recipe, os.path.join(out_dir, "generate-test.txt"),
+                                        os.path.join(data, f"test.raw.{recipe.target}")))
+        record["generate_args"] = list(recipe.eval_args) + list(extra)
+    else:
+        lm = fairseq_run.eval_lm([data, "--user-dir", _user_dir(), "--path", avg, "--gen-subset", "test",
+                                  *recipe.eval_args, *device, *extra])
+        record.update({"metric": "ppl", "ppl": lm["perplexity"], "loss_base2": lm["loss"],
+                       "eval_args": list(recipe.eval_args) + list(extra)})
+    results_dir = os.path.join(workdir, "results")
+    res.write_result(record, os.path.join(results_dir, variant + ".json"),
+                     os.path.join(results_dir, variant + ".md"))
+    print(res.markdown_header(record["metric"]))
+    print(res.markdown_row(record), flush=True)
+    return record
+
+
+def score_translation(recipe: Recipe, generate_output: str, raw_reference: str) -> Dict:
+    """Tokenized (or compound-split) BLEU and detokenized sacreBLEU of a generate output."""
+    _, refs_tok, hyps_tok = scoring.parse_generate(generate_output)
+    raw_refs = text.read_lines(raw_reference)
+    if len(raw_refs) != len(hyps_tok):
+        raise ValueError(f"{raw_reference} has {len(raw_refs)} lines but {generate_output} "
+                         f"translates {len(hyps_tok)} sentences")
+    hyps_detok = text.moses_detokenize(hyps_tok, recipe.target)
+    if recipe.bleu == "compound":
+        retok = lambda lines: [scoring.compound_split(l) for l in  # noqa: E731
+                               text.moses_tokenize(lines, recipe.target)]
+        bleu = scoring.tokenized_bleu(retok(hyps_detok), retok(raw_refs))
+        bleu_kind = "compound-split tokenized BLEU (Moses tokenizer, ##AT## hyphens)"
+    else:
+        bleu = scoring.tokenized_bleu(hyps_tok, refs_tok)
+        bleu_kind = "tokenized BLEU" + (" (lowercased)" if recipe.lowercase else "")
+    sacre, signature = scoring.sacrebleu_score(hyps_detok, raw_refs, lowercase=recipe.lowercase)
+    return {"metric": "bleu", "bleu": bleu, "bleu_kind": bleu_kind, "sacrebleu": sacre,
+            "sacrebleu_signature": signature, "sentences": len(hyps_tok)}
+
+
+def result_files(workdir: str, variants: Optional[Sequence[str]] = None) -> List[str]:
+    folder = os.path.join(workdir, "results")
+    if variants is None:
+        return sorted(glob.glob(os.path.join(folder, "*.json")))
+    return [os.path.join(folder, v + ".json") for v in variants]
+
+
+def compare(
+    name: str,
+    workdir: str,
+    norms: Sequence[str],
+    nap: bool = False,
+    force: bool = False,
+    train_kwargs: Optional[Dict] = None,
+    eval_kwargs: Optional[Dict] = None,
+) -> str:
+    """Train and evaluate every norm in ``norms`` (skipping variants that have a result
+    file, unless ``force``), then return the paper-style table of their results."""
+    variants = []
+    for norm in norms:
+        variant = res.variant_name(norm, nap)
+        variants.append(variant)
+        done = os.path.join(workdir, "results", variant + ".json")
+        if os.path.exists(done) and not force:
+            logger.info("%s: %s exists, not retrained (--force to redo)", variant, done)
+            continue
+        train(name, workdir, norm, nap, **(train_kwargs or {}))
+        evaluate(name, workdir, norm, nap, **(eval_kwargs or {}))
+    table = res.comparison_table([res.read_result(p) for p in result_files(workdir, variants)])
+    print(table, flush=True)
+    return table
