@@ -8,7 +8,9 @@ so the ratios are robust to machine noise. Run:
     python benchmarks/norm_speed.py --device cpu --shapes 64x64x512 32x128x1024
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -71,7 +73,7 @@ def cpu_peak_memory_mb(step):
     return peak / 2**20
 
 
-def bench(shape, device, dtype, rounds, iters, heads, backends):
+def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_counter):
     T, B, C = shape
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(T, B, C, generator=gen) + 0.3).to(device, dtype).requires_grad_(True)
@@ -87,11 +89,11 @@ def bench(shape, device, dtype, rounds, iters, heads, backends):
     for _ in range(rounds):
         for name, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = timer()
             for _ in range(iters):
                 step()
             sync(device)
-            times[name].append((time.perf_counter() - t0) / iters * 1e3)
+            times[name].append((timer() - t0) / iters * 1e3)
     med = {name: statistics.median(v) for name, v in times.items()}
     mem = {name: (peak_memory_mb(s, device) if device.type == "cuda" else cpu_peak_memory_mb(s))
            for name, s in steps.items()}
@@ -108,20 +110,27 @@ def main():
     p.add_argument("--backends", nargs="+", default=["compiled", "eager"],
                    choices=["compiled", "eager"], help="PowerNorm backends to measure")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU time (CPU device only), which other load on "
+                   "a shared machine disturbs less; use it with --threads 1")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}")
+    timer = time.process_time if args.timer == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}, "
+          f"{args.timer} time, load average {os.getloadavg()[0]:.1f}")
     for dev in devices:
         device = torch.device(dev)
         name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+        if dev == "cuda" and args.timer == "cpu":
+            sys.exit("--timer cpu measures the CPU only")
         for s in args.shapes:
             shape = tuple(int(v) for v in s.split("x"))
             med, mem = bench(shape, device, getattr(torch, args.dtype), args.rounds, args.iters, args.heads,
-                             args.backends)
+                             args.backends, timer)
             ln = med["LayerNorm"]
             print(f"\n{name}  (T, B, C) = {shape}, fwd+bwd, training mode, ~10% padding")
             print(f"| layer | ms / iter | x LayerNorm | peak MB |")
