@@ -88,6 +88,19 @@ def all_reduce_sum(tensor, group):
     return tensor
 
 
+def register_affine(module, num_features, affine):
+    """Give ``module`` a learned per-feature scale ``weight`` (init 1) and shift ``bias``
+    (init 0), or register both as None when ``affine`` is false."""
+    from torch import nn
+
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_features))
+        module.bias = nn.Parameter(torch.zeros(num_features))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 class FP32BuffersMixin:
     """Keep floating buffers at fp32 or wider through ``model.half()`` / ``.to(bfloat16)``.
 

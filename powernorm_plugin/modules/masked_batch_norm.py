@@ -14,7 +14,9 @@ sigma^2 are all-reduced with a differentiable all-reduce, so the gradient is the
 import torch
 from torch import nn
 
-from ._util import FP32BuffersMixin, check_input, compute_dtype, distributed_world, token_mask
+from ._util import (
+    FP32BuffersMixin, check_input, compute_dtype, distributed_world, register_affine, token_mask,
+)
 
 
 def _global_sum(t, group):
@@ -41,12 +43,7 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
         self.sync = sync
         self.process_group = process_group
         self.name = "MaskedBatchNorm"
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))

@@ -37,6 +37,7 @@ from ._util import (
     check_input,
     compute_dtype,
     distributed_world,
+    register_affine,
     token_mask,
 )
 from .group_scaling import GroupRMSScaleFunction, check_groups
@@ -234,12 +235,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         self.backend = backend
         resolve_backend(backend)
         self.name = "PowerNorm"  # architectures set the module path for error messages
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine)
         self.register_buffer("running_phi", torch.ones(num_features))
         self.register_buffer("running_nu", torch.zeros(num_features))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
