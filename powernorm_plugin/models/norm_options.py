@@ -7,12 +7,16 @@ inherits them into its fairseq config dataclass. Defaults that depend on the arc
 (which norm goes where) are filled by :func:`fill_norm_defaults`, which every architecture
 function calls.
 """
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from ..modules import NORM_KINDS
+from ..modules import NORM_KINDS, norm_uses_padding
+from ..modules._util import distributed_world
+
+logger = logging.getLogger(__name__)
 
 #: Norm kinds a site accepts (``--encoder-norm-self`` etc.).
 NORM_CHOICES = NORM_KINDS
@@ -22,6 +26,8 @@ POWERNORM_MODE_CHOICES = ("paper", "official")
 FFN_ACTIVATION_NORM_CHOICES = ("none", "layer", "rms")
 #: Kinds whose training output depends on the current batch, so they see later tokens.
 NONCAUSAL_KINDS = ("batch", "power_vanilla")
+#: Kinds that are PowerNorm (and take --powernorm-* options such as group scaling).
+POWER_KINDS = ("power", "power_vanilla")
 #: Kinds folded into the following linear layers by ``powernorm_plugin.cli.fold_norms``.
 FOLDABLE_KINDS = ("batch", "power", "power_vanilla")
 
@@ -172,6 +178,18 @@ def check_norm_options(args, stacks):
     groups = _get(args, "powernorm_groups", None)
     if groups is not None and groups < 0:
         raise ValueError(f"--powernorm-groups must be >= 0 (0 = no group scaling), got {groups}")
+    for stack in stacks:
+        if not any(site_kind(args, stack, site) in POWER_KINDS for site in ("self", "ff")):
+            continue
+        dim = _get(args, f"{stack}_embed_dim", None)
+        stack_groups = groups if groups is not None else _get(args, f"{stack}_attention_heads", None)
+        if dim and stack_groups and int(dim) % int(stack_groups) != 0:
+            flag = "--powernorm-groups" if groups is not None else f"--{stack}-attention-heads"
+            raise ValueError(
+                f"{flag} {stack_groups}: the PowerNorm group scaling's group_num={stack_groups} must "
+                f"divide --{stack}-embed-dim {dim} (set --powernorm-groups to a divisor, or 0 for "
+                "no group scaling)"
+            )
     if "decoder" in stacks and not _get(args, "allow_noncausal_decoder_norm", False):
         for site in ("self", "ff"):
             kind = site_kind(args, "decoder", site)
@@ -190,4 +208,24 @@ def check_norm_options(args, stacks):
             "--checkpoint-activations re-runs layer forwards during the backward pass, which "
             "would update PowerNorm/BatchNorm running statistics twice; use layer or rms norms "
             "with it"
+        )
+
+
+def warn_if_sync_without_workers(model):
+    """Log one warning line the first time ``model`` is put in training mode with
+    ``--powernorm-sync`` norms but no data-parallel workers to synchronize with.
+
+    A warning, not an error: the flag is harmless in one process (the statistics are then the
+    process's own), and a recipe that sets it keeps working when run on one device. Checked
+    at training time, not at model build, because fairseq-generate and friends build the
+    model of a synchronized run in a single process without training it.
+    """
+    if getattr(model, "_powernorm_sync_checked", False):
+        return
+    model._powernorm_sync_checked = True
+    synced = [m for m in model.modules() if norm_uses_padding(m) and getattr(m, "sync", False)]
+    if synced and distributed_world(True, synced[0].process_group) is None:
+        logger.warning(
+            "--powernorm-sync has no effect: training runs in a single process (distributed "
+            "world size 1), so each PowerNorm/BatchNorm uses its own batch statistics"
         )

@@ -37,11 +37,21 @@ from fairseq.models.transformer import (
     transformer_wmt_en_de_big_t2t,
 )
 
-from .norm_options import DecoderNormOptions, EncoderNormOptions, check_norm_options, fill_norm_defaults
+from .norm_options import (
+    DecoderNormOptions,
+    EncoderNormOptions,
+    check_norm_options,
+    fill_norm_defaults,
+    warn_if_sync_without_workers,
+)
 from .stack_norms import install_stack_norms, name_norms
 
 
 def refuse_training_if_folded(model, mode):
+    """Called by the models' ``train(mode)``: refuse to train a folded model; warn once when
+    --powernorm-sync has no workers to synchronize with."""
+    if mode:
+        warn_if_sync_without_workers(model)
     if mode and getattr(model, "folded_norms", False):
         raise RuntimeError(
             "this model was loaded from a fold_norms checkpoint (--folded-norms): its "
