@@ -42,26 +42,12 @@ from .norm_options import (
     EncoderNormOptions,
     check_norm_options,
     fill_norm_defaults,
-    warn_if_sync_without_workers,
 )
-from .stack_norms import install_stack_norms, name_norms
-
-
-def refuse_training_if_folded(model, mode):
-    """Called by the models' ``train(mode)``: refuse to train a folded model; warn once when
-    --powernorm-sync has no workers to synchronize with."""
-    if mode:
-        warn_if_sync_without_workers(model)
-    if mode and getattr(model, "folded_norms", False):
-        raise RuntimeError(
-            "this model was loaded from a fold_norms checkpoint (--folded-norms): its "
-            "PowerNorm/BatchNorm were folded into linear layers for inference and cannot be "
-            "trained; train from the checkpoint before folding"
-        )
+from .stack_norms import PluginNormsMixin
 
 
 @register_model("powernorm_transformer")
-class PowerNormTransformerModel(TransformerModel):
+class PowerNormTransformerModel(PluginNormsMixin, TransformerModel):
     """fairseq's transformer with PowerNorm/BatchNorm/LayerNorm/RMSNorm chosen per site."""
 
     @classmethod
@@ -75,15 +61,10 @@ class PowerNormTransformerModel(TransformerModel):
         powernorm_transformer_base(args)
         check_norm_options(args, ("encoder", "decoder"))
         model = super().build_model(args, task)
-        install_stack_norms(model.encoder, args, "encoder", args.encoder_attention_heads, causal=False)
-        install_stack_norms(model.decoder, args, "decoder", args.decoder_attention_heads, causal=True)
-        name_norms(model)
-        model.folded_norms = bool(args.folded_norms)
-        return model
-
-    def train(self, mode=True):
-        refuse_training_if_folded(self, mode)
-        return super().train(mode)
+        return cls.install_norms(model, args, [
+            (model.encoder, "encoder", args.encoder_attention_heads, False),
+            (model.decoder, "decoder", args.decoder_attention_heads, True),
+        ])
 
 
 def _pre_norm(args):

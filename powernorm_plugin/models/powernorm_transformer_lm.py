@@ -30,8 +30,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 
 from .norm_options import NORM_CHOICES, DecoderNormOptions, _site, check_norm_options, fill_norm_defaults
-from .powernorm_transformer import refuse_training_if_folded
-from .stack_norms import install_stack_norms, name_norms
+from .stack_norms import PluginNormsMixin
 
 _LM_SITE_HELP = (
     "normalization at the {site} of every decoder layer: layer, rms, batch, power (causal "
@@ -52,7 +51,7 @@ class PowerNormTransformerLMConfig(TransformerLanguageModelConfig, DecoderNormOp
 
 
 @register_model("powernorm_transformer_lm", dataclass=PowerNormTransformerLMConfig)
-class PowerNormTransformerLanguageModel(TransformerLanguageModel):
+class PowerNormTransformerLanguageModel(PluginNormsMixin, TransformerLanguageModel):
     """fairseq's transformer LM with PowerNorm/BatchNorm/LayerNorm/RMSNorm chosen per site."""
 
     @classmethod
@@ -60,14 +59,9 @@ class PowerNormTransformerLanguageModel(TransformerLanguageModel):
         fill_norm_defaults(args, encoder_norm=None, decoder_norm="power")
         check_norm_options(args, ("decoder",))
         model = super().build_model(args, task)
-        install_stack_norms(model.decoder, args, "decoder", args.decoder_attention_heads, causal=True)
-        name_norms(model)
-        model.folded_norms = bool(args.folded_norms)
-        return model
-
-    def train(self, mode=True):
-        refuse_training_if_folded(self, mode)
-        return super().train(mode)
+        return cls.install_norms(model, args, [
+            (model.decoder, "decoder", args.decoder_attention_heads, True),
+        ])
 
 
 def _lm_defaults(args):

@@ -18,7 +18,7 @@ earlier steps, warm-up included), so no position sees later tokens of its batch.
 from torch import nn
 
 from ..modules import GroupScaling, IdentityNorm, build_norm, norm_uses_padding
-from .norm_options import FOLDABLE_KINDS, site_kind
+from .norm_options import FOLDABLE_KINDS, site_kind, warn_if_sync_without_workers
 from .padding_feed import PaddingFeed
 
 EPS = 1e-5
@@ -126,3 +126,30 @@ def name_norms(model):
     for path, module in model.named_modules():
         if norm_uses_padding(module):
             module.name = path
+
+
+class PluginNormsMixin:
+    """What both plugin models do around fairseq's own build: install the chosen norms in each
+    stack, name them for error messages, remember whether they were folded; and refuse to
+    train a folded model (``train()``)."""
+
+    @staticmethod
+    def install_norms(model, args, stacks):
+        """``stacks``: (module, "encoder"|"decoder", attention heads, causal) per stack."""
+        for stack, name, heads, causal in stacks:
+            install_stack_norms(stack, args, name, heads, causal=causal)
+        name_norms(model)
+        model.folded_norms = bool(args.folded_norms)
+        return model
+
+    def train(self, mode=True):
+        """Refuse to train a folded model; warn once when --powernorm-sync has no workers."""
+        if mode:
+            warn_if_sync_without_workers(self)
+        if mode and getattr(self, "folded_norms", False):
+            raise RuntimeError(
+                "this model was loaded from a fold_norms checkpoint (--folded-norms): its "
+                "PowerNorm/BatchNorm were folded into linear layers for inference and cannot be "
+                "trained; train from the checkpoint before folding"
+            )
+        return super().train(mode)
