@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ._util import compute_dtype, token_sum
+from ._util import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,32 @@ def _group_scale_grad(dz, z, r):
     return ((dzv - z * q) * r).view(n, groups * cg).to(dz.dtype)
 
 
+#: Rows per chunk of :func:`column_product_sums`: about 1 MiB of fp32 products, so that each
+#: chunk's product is summed while it is still in cache instead of going out to memory.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def column_product_sums(a, b, mask):
+    """(sum_n m_n a_n b_n, sum_n a_n b_n) per column of two (N, C) tensors.
+
+    The product is formed and reduced one cache-sized block of rows at a time (a product
+    row block, then a matrix-vector product with the token indicator), so it is never
+    written out in full: one read of a and b from memory instead of three passes.
+    """
+    n, c = a.shape
+    rows = max(1, _CHUNK_ELEMENTS // max(c, 1))
+    token = a.new_zeros(c)
+    for start in range(0, n, rows):
+        prod = a[start : start + rows] * b[start : start + rows]
+        if mask.weights is None:
+            token += prod.sum(0)
+        else:
+            token.addmv_(prod.t(), mask.weights[start : start + rows])
+    if mask.pad_rows is None:
+        return token, token
+    return token, token + (a[mask.pad_rows] * b[mask.pad_rows]).sum(0)
+
+
 class EagerKernels:
     """One PyTorch op per term; padding handled by a matrix-vector product and row indexing."""
 
@@ -57,9 +83,7 @@ class EagerKernels:
     def sq_sums(z, mask):
         """(sum_n m_n z_n^2, sum_n z_n^2): per-feature sums of squares over tokens, all rows."""
         zc = z.to(compute_dtype(z))
-        sq = zc * zc
-        token = token_sum(sq, mask)
-        return token, (token if mask.pad_rows is None else token + sq[mask.pad_rows].sum(0))
+        return column_product_sums(zc, zc, mask)
 
     @staticmethod
     def scale_shift(z, scale, shift):
@@ -71,10 +95,7 @@ class EagerKernels:
         """(sum_n m_n dy_n z_n, sum_n dy_n z_n, sum_n dy_n): the backward's reductions."""
         cd = compute_dtype(z)
         dyc = dy.to(cd)
-        prod = dyc * z.to(cd)
-        token = token_sum(prod, mask)
-        every = token if mask.pad_rows is None else token + prod[mask.pad_rows].sum(0)
-        return token, every, dyc.sum(0)
+        return (*column_product_sums(dyc, z.to(cd), mask), dyc.sum(0))
 
     @staticmethod
     def affine_grad(dy, z, mask, a, b):
