@@ -65,13 +65,6 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
     return TokenMask(weights, pad_rows, rows - n_pad, rows)
 
 
-def token_sum(values, mask):
-    """Per-feature sum over token rows: sum_n m_n * values_n (a matrix-vector product)."""
-    if mask.weights is None:
-        return values.sum(0)
-    return torch.mv(values.t(), mask.weights)
-
-
 def distributed_world(enabled, group=None):
     """The process group to synchronize over, or None when there is nothing to synchronize."""
     if not enabled or not dist.is_available() or not dist.is_initialized():
