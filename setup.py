@@ -18,7 +18,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["powernorm_plugin", "powernorm_plugin.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.0"],
+    # ninja: torch's extension builder needs it to build the native CPU kernels on first use
+    install_requires=["torch>=2.0", "ninja"],
+    package_data={"powernorm_plugin.modules": ["csrc/*.cpp"]},
     extras_require={
         "fairseq": FAIRSEQ,
         "recipes": FAIRSEQ + RECIPES,

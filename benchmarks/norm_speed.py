@@ -25,10 +25,12 @@ def padding_mask(T, B, device, frac=0.1):
     return (torch.arange(T)[None, :] >= lengths[:, None]).to(device)
 
 
-def layers(C, heads, backends):
+def layers(C, heads, backends, device):
     yield "LayerNorm", torch.nn.LayerNorm(C), False
     yield "MaskedBatchNorm", MaskedBatchNorm(C), True
     for backend in backends:
+        if backend == "native" and device.type != "cpu":
+            continue  # the hand-written kernels are CPU-only
         for mode in ("paper", "official", "vanilla"):
             yield f"PowerNorm[{mode}] {backend}", PowerNorm(C, mode=mode, backend=backend), True
         yield (f"PowerNorm[paper,group_num={heads}] {backend}",
@@ -80,7 +82,7 @@ def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_
     dy = torch.randn(T, B, C, generator=gen).to(device, dtype)
     pad = padding_mask(T, B, device)
     steps = {}
-    for name, layer, takes_mask in layers(C, heads, backends):
+    for name, layer, takes_mask in layers(C, heads, backends, device):
         steps[name] = step_fn(layer.to(device, dtype).train(), x, dy, pad, takes_mask)
     times = {name: [] for name in steps}
     for step in steps.values():  # warm-up, and the compiled kernels' one-off compilation
@@ -107,8 +109,9 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--heads", type=int, default=8, help="group_num for the group-scaled variant")
-    p.add_argument("--backends", nargs="+", default=["compiled", "eager"],
-                   choices=["compiled", "eager"], help="PowerNorm backends to measure")
+    p.add_argument("--backends", nargs="+", default=["native", "compiled", "eager"],
+                   choices=["native", "compiled", "eager"],
+                   help="PowerNorm backends to measure (native: CPU only)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time (CPU device only), which other load on "

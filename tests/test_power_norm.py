@@ -34,6 +34,8 @@ def run_module_step(pn, x, pad, dy):
 @pytest.mark.parametrize("backend,dtype,tol", [
     ("eager", torch.float64, 1e-10),
     ("eager", torch.float32, 2e-4),
+    ("native", torch.float64, 1e-10),
+    ("native", torch.float32, 2e-4),
     pytest.param("compiled", torch.float32, 2e-4, marks=pytest.mark.slow),
 ])
 def test_matches_equations_over_consecutive_steps(mode, groups, backend, dtype, tol):
@@ -222,16 +224,17 @@ def test_fp16_overflowed_gradient_leaves_nu_untouched():
 
 def test_backend_choice():
     assert PowerNorm(C, backend="eager").backend == "eager"
-    with pytest.raises(ValueError, match="auto, compiled, eager"):
+    with pytest.raises(ValueError, match="auto, native, compiled, eager"):
         PowerNorm(C, backend="triton")
 
 
-@pytest.mark.slow
-def test_compiled_backend_matches_eager_with_low_precision_and_padding():
+@pytest.mark.parametrize("backend", [
+    "native", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_fused_backends_match_eager_with_low_precision_and_padding(backend):
     gen = torch.Generator().manual_seed(11)
     x, pad, dy = random_batch(gen, torch.float32)
     results = []
-    for backend in ("eager", "compiled"):
+    for backend in ("eager", backend):
         pn = PowerNorm(C, group_num=3, backend=backend).to(torch.bfloat16)
         outs = []
         for _ in range(2):
@@ -240,6 +243,53 @@ def test_compiled_backend_matches_eager_with_low_precision_and_padding():
     for e, c in zip(*results):
         assert e.dtype == c.dtype
         torch.testing.assert_close(e.float(), c.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode,groups", [("paper", None), ("vanilla", 3), ("official", 3)])
+def test_native_results_do_not_depend_on_the_thread_count(mode, groups):
+    gen = torch.Generator().manual_seed(5)
+    batch = random_batch(gen, torch.float32)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            pn = PowerNorm(C, mode=mode, group_num=groups, backend="native")
+            outs = []
+            for _ in range(2):
+                outs += run_module_step(pn, *batch)
+            runs.append(outs + [pn.running_phi, pn.running_nu])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
+def test_auto_backend_falls_back_with_a_warning_where_kernels_cannot_be_built(monkeypatch, caplog):
+    from powernorm_plugin.modules import kernels
+
+    monkeypatch.delenv("POWERNORM_BACKEND", raising=False)
+    monkeypatch.setitem(kernels._built, "native", RuntimeError("CalledProcessError: no compiler"))
+    monkeypatch.setitem(kernels._built, "compiled", RuntimeError("InductorError: no compiler"))
+    monkeypatch.setattr(kernels, "_warned", set())
+    with caplog.at_level("WARNING"):
+        assert kernels.kernels_for("auto") is kernels.EAGER
+        assert kernels.kernels_for("auto") is kernels.EAGER
+    warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 2 and "no compiler" in warnings[0]  # once per backend, not per call
+    with pytest.raises(RuntimeError, match="backend='native' is unavailable here.*no compiler"):
+        kernels.kernels_for("native")
+    pn = PowerNorm(C)  # and the layer still trains, on the eager kernels
+    x = torch.randn(3, 2, C, requires_grad=True)
+    pn(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and int(pn.num_steps) == 1
+
+
+def test_native_backend_refuses_tensors_off_the_cpu():
+    from powernorm_plugin.modules.kernels import kernels_for
+
+    with pytest.raises(ValueError, match="native.*CPU only.*meta"):
+        kernels_for("native", torch.device("meta"))
 
 
 def test_build_norm_kinds():

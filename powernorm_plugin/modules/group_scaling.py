@@ -38,7 +38,8 @@ class GroupRMSScaleFunction(torch.autograd.Function):
 def group_rms_scale(x, groups, eps=1e-5, backend="auto"):
     """Apply per-token group RMS scaling to ``x`` of shape (..., C); C must divide by groups."""
     shape = x.shape
-    z = GroupRMSScaleFunction.apply(x.reshape(-1, shape[-1]), groups, eps, kernels_for(backend))
+    kernels = kernels_for(backend, x.device)
+    z = GroupRMSScaleFunction.apply(x.reshape(-1, shape[-1]), groups, eps, kernels)
     return z.view(shape)
 
 

@@ -1,15 +1,32 @@
-"""The per-element work of PowerNorm and group scaling, in two interchangeable backends.
+"""The per-element work of PowerNorm (with its optional group scaling), in three backends.
 
-``eager`` runs one PyTorch op per term. ``compiled`` fuses the element-wise passes and the
-group scaling with ``torch.compile`` (C++/OpenMP on CPU, Triton on GPU), which saves passes
-over the activations and temporaries (figures in benchmarks/README.md). The first compiled
-call takes seconds (cached on disk afterwards); a machine where compilation fails (no C++
-compiler, say) falls back to ``eager`` with a warning. Choose per layer with
-``PowerNorm(backend=...)``, or for every layer with the environment variable
-``POWERNORM_BACKEND=eager|compiled|auto``.
+Every backend implements the same two passes over a (N, C) input ``x`` (rows = positions),
+with the optional per-token group RMS scaling folded in:
 
-Conventions: ``z`` is (N, C); ``mask`` a :class:`TokenMask` (its ``weights`` m_n = 1 for tokens,
-0 for padding); statistics are fp32 (fp64 for fp64 input) whatever the activation dtype.
+    r_{n,g} = 1 / sqrt(mean_{c in g} x_{n,c}^2 + eps),   z = x * r     (no groups: z = x)
+
+    forward(x, mask, groups, eps, scale, shift, sums)
+        -> (y = scale * z + shift,  sum_n m_n z_n^2,  sum_n z_n^2,  r)
+    backward(dy, x, r, mask, groups, a, b, b_all_rows, sums)
+        -> (dx,  sum_n m_n dy_n z_n,  sum_n dy_n z_n,  sum_n dy_n)
+        where dz_n = a * dy_n - w_n * b * z_n   (w_n = m_n; 1 for every row with b_all_rows)
+              dx_n = r_n (dz_n - z_n mean_g(dz_n z_n))   (no groups: dx = dz)
+
+``y``/``dx`` are skipped (None) when ``scale``/``a`` is None, the sums when ``sums`` is false.
+m_n is ``mask.weights`` (1 for tokens, 0 for padding); statistics are fp32 (fp64 for fp64
+input) whatever the activation dtype. Callers that know ``scale``/``a`` before the sums get
+everything from one pass; where the scale depends on the sums (warm-up, PN-V) they call twice.
+
+* ``native``: hand-written C++ (``csrc/power_norm_cpu.cpp``, CPU only), one read of the
+  activations and one write per pass, like LayerNorm's fused kernel. Built on first use with
+  torch's extension builder (needs a C++ compiler and ninja), then cached.
+* ``compiled``: the element-wise passes fused by ``torch.compile`` (Triton on GPU, C++ on CPU);
+  the column sums stay eager.
+* ``eager``: one PyTorch op per term; runs everywhere.
+
+``auto`` (the default) takes ``native`` on CPU and ``compiled`` on GPU, and falls back, with
+one warning, where building fails. ``$POWERNORM_BACKEND`` overrides ``auto`` for every layer.
+Figures in benchmarks/README.md.
 """
 import logging
 import os
@@ -20,32 +37,39 @@ from ._util import compute_dtype
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "compiled", "eager")
+BACKENDS = ("auto", "native", "compiled", "eager")
 
 
-# ----- formulas that torch.compile fuses (m: the (N,) token indicator) --------------------
+# ----- formulas that torch.compile fuses ---------------------------------------------------
 
-def _scale_shift(z, scale, shift):
-    return (z.to(scale.dtype) * scale + shift).to(z.dtype)
+def _scale_shift(z, scale, shift, dtype: torch.dtype):
+    return (z.to(scale.dtype) * scale + shift).to(dtype)
 
 
-def _affine_grad(dy, z, m, a, b):
-    cd = a.dtype
-    return (dy.to(cd) * a - (z.to(cd) * b) * m[:, None]).to(dy.dtype)
+def _input_grad(dy, z, w, a, b, r, dtype: torch.dtype):
+    dz = dy.to(a.dtype) * a - (z * b) * w[:, None]
+    return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
+
+
+def _scaled_input(x, r):
+    n, groups = r.shape
+    return (x.to(r.dtype).view(n, groups, -1) * r[..., None]).view(x.shape)
 
 
 def _group_scale(x, groups: int, eps: float):
     n, c = x.shape
     xv = x.to(compute_dtype(x)).view(n, groups, c // groups)
     r = torch.rsqrt((xv * xv).mean(-1, keepdim=True) + eps)
-    return xv * r, r
+    return (xv * r).view(n, c), r.view(n, groups)
 
 
 def _group_scale_grad(dz, z, r):
-    n, groups, cg = z.shape
-    dzv = dz.to(z.dtype).reshape(n, groups, cg)
-    q = (dzv * z).mean(-1, keepdim=True)
-    return ((dzv - z * q) * r).view(n, groups * cg).to(dz.dtype)
+    """dL/dx for z = x * r (z, dz: (N, C); r: (N, groups)), in dz's dtype."""
+    n, groups = r.shape
+    zv = z.view(n, groups, -1)
+    dzv = dz.to(z.dtype).reshape(n, groups, -1)
+    q = (dzv * zv).mean(-1, keepdim=True)
+    return ((dzv - zv * q) * r[..., None]).view(n, -1).to(dz.dtype)
 
 
 #: Rows per chunk of :func:`column_product_sums`: about 1 MiB of fp32 products, so that each
@@ -79,33 +103,44 @@ class EagerKernels:
 
     name = "eager"
 
-    @staticmethod
-    def sq_sums(z, mask):
-        """(sum_n m_n z_n^2, sum_n z_n^2): per-feature sums of squares over tokens, all rows."""
-        zc = z.to(compute_dtype(z))
-        return column_product_sums(zc, zc, mask)
+    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True):
+        z, r = self.group_scale(x, groups, eps) if groups else (x.to(compute_dtype(x)), None)
+        token_sq = all_sq = None
+        if sums:
+            token_sq, all_sq = column_product_sums(z, z, mask)
+        y = self.scale_shift(z, scale, shift, x.dtype) if scale is not None else None
+        return y, token_sq, all_sq, r
+
+    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True):
+        z = self.scaled_input(x, r) if groups else x.to(compute_dtype(x))
+        token_dz = all_dz = dy_sum = None
+        if sums:
+            dyc = dy.to(z.dtype)
+            token_dz, all_dz = column_product_sums(dyc, z, mask)
+            dy_sum = dyc.sum(0)
+        dx = None
+        if a is not None:
+            dx = self.input_grad(dy, z, None if b_all_rows else mask, a, b, r, dy.dtype)
+        return dx, token_dz, all_dz, dy_sum
 
     @staticmethod
-    def scale_shift(z, scale, shift):
-        """y = scale * z + shift (per-feature scale and shift), in z's dtype."""
-        return (z.to(scale.dtype) * scale).add_(shift).to(z.dtype)
+    def scale_shift(z, scale, shift, dtype):
+        """y = scale * z + shift (per-feature scale and shift), in ``dtype``."""
+        return (z.to(scale.dtype) * scale).add_(shift).to(dtype)
 
     @staticmethod
-    def grad_sums(dy, z, mask):
-        """(sum_n m_n dy_n z_n, sum_n dy_n z_n, sum_n dy_n): the backward's reductions."""
-        cd = compute_dtype(z)
-        dyc = dy.to(cd)
-        return (*column_product_sums(dyc, z.to(cd), mask), dyc.sum(0))
-
-    @staticmethod
-    def affine_grad(dy, z, mask, a, b):
-        """dz_n = a * dy_n - m_n * b * z_n (mask None: every row takes the b term), dy's dtype."""
-        cd = a.dtype
-        zc = z.to(cd)
-        dz = (dy.to(cd) * a).sub_(zc * b)
+    def input_grad(dy, z, mask, a, b, r, dtype):
+        """dz_n = a * dy_n - m_n * b * z_n (mask None: every row takes the b term), then
+        through the group scaling when r is given; in ``dtype``."""
+        dz = (dy.to(a.dtype) * a).sub_(z * b)
         if mask is not None and mask.pad_rows is not None:
-            dz.index_add_(0, mask.pad_rows, zc[mask.pad_rows] * b)
-        return dz.to(dy.dtype)
+            dz.index_add_(0, mask.pad_rows, z[mask.pad_rows] * b)
+        return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
+
+    @staticmethod
+    def scaled_input(x, r):
+        """z = x * r, the group-scaled input, from x and its saved factors r (N, groups)."""
+        return _scaled_input(x, r)
 
     @staticmethod
     def group_scale(x, groups, eps):
@@ -123,8 +158,7 @@ class CompiledKernels(EagerKernels):
 
     The per-feature column sums stay eager: a materialized product and a BLAS matrix-vector
     product beat the reduction loops torch.compile generates on CPU (measured 4-5x slower,
-    single-threaded, at (4096, 512)); the element-wise kernels it generates are ~2x faster
-    than eager and allocate one output instead of several temporaries.
+    single-threaded, at (4096, 512)).
     """
 
     name = "compiled"
@@ -132,43 +166,48 @@ class CompiledKernels(EagerKernels):
     def __init__(self):
         compile_ = lambda f: torch.compile(f, dynamic=True)  # noqa: E731
         self._scale_shift = compile_(_scale_shift)
-        self._affine_grad = compile_(_affine_grad)
+        self._input_grad = compile_(_input_grad)
+        self.scaled_input = compile_(_scaled_input)
         self.group_scale = compile_(_group_scale)
         self.group_scale_grad = compile_(_group_scale_grad)
 
-    def scale_shift(self, z, scale, shift):
-        return self._scale_shift(z, scale, shift)
+    def scale_shift(self, z, scale, shift, dtype):
+        return self._scale_shift(z, scale, shift, dtype)
 
-    def affine_grad(self, dy, z, mask, a, b):
+    def input_grad(self, dy, z, mask, a, b, r, dtype):
         if mask is not None and mask.weights is not None:
-            m = mask.weights
+            w = mask.weights
         else:
-            m = torch.ones(z.size(0), dtype=a.dtype, device=z.device)
-        return self._affine_grad(dy, z, m, a, b)
+            w = torch.ones(z.size(0), dtype=a.dtype, device=z.device)
+        return self._input_grad(dy, z, w, a, b, r, dtype)
 
 
 EAGER = EagerKernels()
-_compiled = None
-_compile_error = None
+_built = {}  # backend name -> kernels, or the error that made building them fail
 
 
-def _compiled_kernels():
-    """The compiled kernels, or None where torch.compile fails on this machine."""
-    global _compiled, _compile_error
-    if _compiled is None and _compile_error is None:
-        kernels = CompiledKernels()
-        try:  # compile and run the smallest formula once, to learn whether compiling works
-            kernels.scale_shift(torch.ones(3, 4), torch.ones(4), torch.zeros(4))
-            _compiled = kernels
-        except Exception as err:  # noqa: BLE001  (any compiler failure means: use eager)
-            _compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            logger.warning("powernorm_plugin: torch.compile is unavailable here (%s); PowerNorm "
-                           "uses its eager backend (slower)", _compile_error)
-    return _compiled
+def _build(name):
+    """The kernels of backend ``name``, built once per process; None where building fails."""
+    if name not in _built:
+        try:
+            if name == "compiled":
+                kernels = CompiledKernels()
+                # compile and run the smallest formula once, to learn whether compiling works
+                kernels.scale_shift(torch.ones(3, 4), torch.ones(4), torch.zeros(4), torch.float32)
+            else:
+                from .native_kernels import NativeKernels
+
+                kernels = NativeKernels()
+            _built[name] = kernels
+        except Exception as err:  # noqa: BLE001  (any build failure means: fall back)
+            text = str(err).strip().splitlines()
+            _built[name] = RuntimeError(f"{type(err).__name__}: {text[-1] if text else ''}")
+    kernels = _built[name]
+    return None if isinstance(kernels, Exception) else kernels
 
 
 def resolve_backend(backend):
-    """Validate a backend name; ``auto`` defers to $POWERNORM_BACKEND, else to ``compiled``."""
+    """Validate a backend name; ``auto`` defers to $POWERNORM_BACKEND, else stays ``auto``."""
     if backend not in BACKENDS:
         raise ValueError(f"PowerNorm backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
@@ -178,15 +217,33 @@ def resolve_backend(backend):
     return backend
 
 
-def kernels_for(backend):
-    """The kernels for ``backend``: ``compiled`` raises where compiling fails, ``auto`` warns
-    once and falls back to ``eager``."""
+_warned = set()
+
+
+def kernels_for(backend, device=None):
+    """The kernels for ``backend`` on ``device`` (default CPU).
+
+    A named backend that cannot run raises; ``auto`` takes ``native`` on CPU and
+    ``compiled`` elsewhere, and falls back (compiled, then eager) with one warning.
+    """
     backend = resolve_backend(backend)
+    on_cpu = device is None or torch.device(device).type == "cpu"
     if backend == "eager":
         return EAGER
-    kernels = _compiled_kernels()
-    if kernels is None:
-        if backend == "compiled":
-            raise RuntimeError(f"PowerNorm backend='compiled': torch.compile failed ({_compile_error})")
-        return EAGER
-    return kernels
+    if backend == "native" and not on_cpu:
+        raise ValueError(f"PowerNorm backend='native' runs on CPU only; the input is on {device} "
+                         "(use backend='compiled' or 'auto')")
+    if backend != "auto":
+        kernels = _build(backend)
+        if kernels is None:
+            raise RuntimeError(f"PowerNorm backend={backend!r} is unavailable here: {_built[backend]}")
+        return kernels
+    for name in ("native", "compiled") if on_cpu else ("compiled",):
+        kernels = _build(name)
+        if kernels is not None:
+            return kernels
+        if name not in _warned:
+            _warned.add(name)
+            logger.warning("powernorm_plugin: PowerNorm's %s backend is unavailable here (%s); "
+                           "falling back to a slower one", name, _built[name])
+    return EAGER

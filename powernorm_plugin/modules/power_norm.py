@@ -54,6 +54,7 @@ class PowerNormConfig(NamedTuple):
     alpha_fwd: float
     alpha_bkw: float
     warmup_updates: int
+    groups: object  # None, or the number of channel groups of the RMS pre-scaling
     sync: bool
     process_group: object
     causal: bool
@@ -62,19 +63,23 @@ class PowerNormConfig(NamedTuple):
 
 
 class PowerNormFunction(torch.autograd.Function):
-    """Training-mode PowerNorm on 2-D input ``z`` (rows = T*B positions, columns = features).
+    """Training-mode PowerNorm on 2-D input ``x`` (rows = T*B positions, columns = features).
 
+    ``cfg.groups`` applies the per-token group RMS scaling to ``x`` first (z = x * r); the
+    scaling is part of the same passes, so only ``x`` and the small ``r`` are saved.
     Updates ``running_phi`` (psi^2) and ``num_steps`` in the forward and ``running_nu`` (nu)
     in the backward, in place, as torch's batch norm updates its running statistics.
     With ``cfg.sync`` the token sums are all-reduced over the process group (forward: sums of
     z^2 and token counts; backward: the sums behind Lambda), as SyncBatchNorm does.
+    Where the normalizer is known before the batch is read (psi_{t-1}, after warm-up) each
+    direction is one pass over the activations; warm-up and PN-V need a second pass.
     """
 
     @staticmethod
-    def forward(ctx, z, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
+    def forward(ctx, x, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
         k = cfg.kernels
-        cd = compute_dtype(z)
-        C = z.size(1)
+        cd = compute_dtype(x)
+        C = x.size(1)
         group = distributed_world(cfg.sync, cfg.process_group)
 
         step = int(num_steps) + 1
@@ -83,7 +88,12 @@ class PowerNormFunction(torch.autograd.Function):
         phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
         w = weight.to(cd) if weight is not None else torch.ones_like(phi_prev)
         b = bias.to(cd) if bias is not None else torch.zeros_like(phi_prev)
-        token_sq, all_sq = k.sq_sums(z, mask)
+        y = None
+        if use_batch:  # the scale needs this batch's psi_B: sums first, output second
+            _, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps)
+        else:
+            inv = torch.rsqrt(phi_prev + cfg.eps)
+            y, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b)
 
         # One all-reduce carries the token sum of z^2 and the token count and, for the
         # official mode, the sum of z^2 over every row and the row count.
@@ -108,51 +118,57 @@ class PowerNormFunction(torch.autograd.Function):
             elif cfg.mode == "official":
                 ctx.rows = float(stats[2 * C + 1])
                 saved = [stats[C + 1 : 2 * C + 1], torch.rsqrt(psi_b + cfg.eps)]
-        else:  # a batch of padding only: nothing to learn from, nothing updated
-            use_batch = False
-        inv = torch.rsqrt((psi_b if use_batch else phi_prev) + cfg.eps)
-        y = k.scale_shift(z, w * inv, b)
+        if y is None:  # a batch of padding only has no psi_B: it takes psi_{t-1}
+            inv = torch.rsqrt((psi_b if count > 0 else phi_prev) + cfg.eps)
+            y = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b, sums=False)[0]
 
         ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
         ctx.running_nu = running_nu
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(z, w, inv, *saved)
+        ctx.has_r = r is not None
+        ctx.save_for_backward(x, w, inv, *([r] if r is not None else []), *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         cfg, mask, k = ctx.cfg, ctx.mask, ctx.cfg.kernels
-        z, w, inv, *saved = ctx.saved_tensors
+        x, w, inv, *saved = ctx.saved_tensors
+        r = saved.pop(0) if ctx.has_r else None
         dy = dy.contiguous()
 
-        # Every mode: dz = a * dy - b * z, the b term on token rows only (official: all rows),
-        # with the sums over token rows and over all rows of dy * z (gamma's gradient takes all).
-        token_dz, all_dz, dy_sum = k.grad_sums(dy, z, mask)
+        # Every mode: dx = the input gradient of dz = a * dy - b * z, the b term on token rows
+        # only (official: all rows), with the sums over token rows and over all rows of
+        # dy * z (gamma's gradient takes all) and of dy (beta's gradient).
+        def grad(a, b_coef, b_all_rows=False, sums=True):
+            return k.backward(dy, x, r, mask, cfg.groups, a, b_coef, b_all_rows, sums)
+
         a = w * inv
         if ctx.count == 0:
-            dz = k.affine_grad(dy, z, mask, a, torch.zeros_like(a))
+            dx, token_dz, all_dz, dy_sum = grad(a, torch.zeros_like(a))
         elif cfg.mode == "vanilla":
-            # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n
+            # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n, so the
+            # sums come first and the input gradient second
+            _, token_dz, all_dz, dy_sum = k.backward(dy, x, r, mask, cfg.groups)
             total = all_reduce_sum(all_dz.clone(), ctx.group)
-            dz = k.affine_grad(dy, z, mask, a, w * inv.pow(3) * total / ctx.count)
+            dx = grad(a, w * inv.pow(3) * total / ctx.count, sums=False)[0]
         else:
             nu = ctx.running_nu.to(inv.dtype)
             if cfg.mode == "paper":
                 (psi_b,) = saved
-                dz = k.affine_grad(dy, z, mask, a, nu * inv * inv)
+                dx, token_dz, all_dz, dy_sum = grad(a, nu * inv * inv)
                 gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
                 lambda_t = w * inv * all_reduce_sum(token_dz.clone(), ctx.group) / ctx.count
             else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
                 all_sq, inv_b = saved
-                dz = k.affine_grad(dy, z, None, w * inv_b, nu * inv * inv_b)
+                dx, token_dz, all_dz, dy_sum = grad(w * inv_b, nu * inv * inv_b, b_all_rows=True)
                 gamma_t = inv * inv * all_sq / ctx.rows
                 lambda_t = w * inv * all_reduce_sum(all_dz.clone(), ctx.group) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
 
         grad_w = (all_dz * inv).to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
         grad_b = dy_sum.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dz, grad_w, grad_b, None, None, None, None, None
+        return dx, grad_w, grad_b, None, None, None, None, None
 
 
 def _update_running_phi(running_phi, psi_b, step, warm, cfg):
@@ -195,8 +211,10 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
             position cannot see later tokens: warm-up normalizes by the running statistic of
             earlier steps (psi^2 still gets the cumulative mean), and ``mode="vanilla"`` is
             refused.
-        backend: ``"auto"`` (``$POWERNORM_BACKEND``, else compiled with eager fallback),
-            ``"compiled"`` (fused by torch.compile) or ``"eager"``; see ``kernels.py``.
+        backend: ``"auto"`` (``$POWERNORM_BACKEND``, else ``native`` on CPU and ``compiled``
+            on GPU, falling back where they cannot be built), ``"native"`` (hand-written C++,
+            CPU only), ``"compiled"`` (fused by torch.compile) or ``"eager"``; see
+            ``kernels.py``.
 
     Buffers (all saved in ``state_dict``): ``running_phi`` (psi^2, starts at 1),
     ``running_nu`` (nu, starts at 0), ``num_steps`` (training calls that saw tokens).
@@ -244,17 +262,16 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         check_input(x, self.num_features, self.name)
         T, B, C = x.shape
         z = x.reshape(T * B, C)
-        # Inference is a per-feature affine map: compiling it would cost more than it saves.
-        kernels = kernels_for(self.backend) if self.training else EAGER
-        if self.group_num is not None:
-            z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, kernels)
         if not self.training:
+            # Inference is a per-feature affine map: compiling it would cost more than it saves.
+            if self.group_num is not None:
+                z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, EAGER)
             return self.eval_affine(z).view(T, B, C)
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = PowerNormConfig(self.mode, self.eps, self.alpha_fwd, self.alpha_bkw,
-                              self.warmup_updates, self.sync, self.process_group, self.causal,
-                              self.name, kernels)
-        y = PowerNormFunction.apply(z, self.weight, self.bias, self.running_phi,
+                              self.warmup_updates, self.group_num, self.sync, self.process_group,
+                              self.causal, self.name, kernels_for(self.backend, x.device))
+        y = PowerNormFunction.apply(z.contiguous(), self.weight, self.bias, self.running_phi,
                                     self.running_nu, self.num_steps, mask, cfg)
         return y.view(T, B, C)
 

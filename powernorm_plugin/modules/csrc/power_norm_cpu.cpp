@@ -1,0 +1,343 @@
+// PowerNorm's training-mode passes on the CPU, each a single sweep over the activations.
+//
+// A row is one position (T*B rows), a column one feature. With optional per-token group RMS
+// scaling (groups > 0, C / groups channels per group):
+//
+//   r_{n,g} = 1 / sqrt(mean_{c in g} x_{n,c}^2 + eps),   z_{n,c} = x_{n,c} r_{n,g(c)}
+//   (groups == 0: z = x, r = 1)
+//
+// forward:  y_n = scale * z_n + shift, with the column sums sum_n m_n z_n^2 and sum_n z_n^2
+// backward: dz_n = a * dy_n - b * w_n * z_n        (w_n = m_n, or 1 with b_all_rows)
+//           dx_n = r_n (dz_n - z_n mean_g(dz_n z_n)) with groups, dz_n without
+//           with the column sums sum_n m_n dy_n z_n, sum_n dy_n z_n and sum_n dy_n
+//
+// m_n is 1 for a token and 0 for padding (no mask: all 1). Reading each row once, and writing
+// once, is what keeps the layer as cheap as LayerNorm's fused kernel: the per-feature sums are
+// accumulated from the row while it is in cache, instead of in separate passes.
+//
+// Column sums are accumulated per block of kBlockRows rows and the block partials added in
+// block order, so the result does not depend on the number of threads (bitwise-reproducible
+// runs and resumes) and fp32 sums lose little precision.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlockRows = 64;
+
+// sum_i u_i v_i over a short contiguous span, in eight independent lanes so that the
+// compiler vectorizes it (a single running sum would be one long dependency chain).
+template <typename acc_t>
+inline acc_t dot(const acc_t* u, const acc_t* v, int64_t len) {
+  acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    for (int k = 0; k < 8; ++k) lane[k] += u[i + k] * v[i + k];
+  }
+  acc_t total = 0;
+  for (; i < len; ++i) total += u[i] * v[i];
+  for (int k = 0; k < 8; ++k) total += lane[k];
+  return total;
+}
+
+// Loads row n of x into `z` at compute precision, scaled by its group factors (stored in r).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_scaled_row(const scalar_t* x, int64_t C, int64_t groups, acc_t eps,
+                                    acc_t* z, acc_t* r) {
+  for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(x[c]);
+  if (groups == 0) return z;
+  const int64_t cg = C / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    acc_t* zg = z + g * cg;
+    const acc_t rg = acc_t(1) / std::sqrt(dot(zg, zg, cg) / acc_t(cg) + eps);
+    r[g] = rg;
+    for (int64_t c = 0; c < cg; ++c) zg[c] *= rg;
+  }
+  return z;
+}
+
+// Same, with the group factors already known (the backward, or a second forward pass).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_row(const scalar_t* x, int64_t C, int64_t groups, const acc_t* r,
+                             acc_t* z) {
+  if (groups == 0) {
+    for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(x[c]);
+    return z;
+  }
+  const int64_t cg = C / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    const acc_t rg = r[g];
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) z[c] = static_cast<acc_t>(x[c]) * rg;
+  }
+  return z;
+}
+
+// Without groups, a row already at compute precision is read where it lies, not copied.
+template <typename scalar_t, typename acc_t>
+constexpr bool row_in_place(const scalar_t*, int64_t groups) {
+  return std::is_same<scalar_t, acc_t>::value && groups == 0;
+}
+
+// Adds the block partials (nblocks x parts x C, block-major) in block order into `out`.
+template <typename acc_t>
+void reduce_blocks(const std::vector<acc_t>& partial, int64_t nblocks, int64_t parts, int64_t C,
+                   std::vector<Tensor>& out) {
+  for (int64_t p = 0; p < parts; ++p) {
+    acc_t* dst = out[p].data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) dst[c] = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const acc_t* src = partial.data() + (blk * parts + p) * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+    }
+  }
+}
+
+template <typename scalar_t, bool kMask, bool kSums, bool kOut>
+void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d,
+                  const Tensor& scale, const Tensor& shift, Tensor& y, Tensor& r,
+                  std::vector<Tensor>& sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups;
+  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* mp = kMask ? m.data_ptr<acc_t>() : nullptr;
+  const acc_t* __restrict__ sc = kOut ? scale.data_ptr<acc_t>() : nullptr;
+  const acc_t* __restrict__ sh = kOut ? shift.data_ptr<acc_t>() : nullptr;
+  scalar_t* yp = kOut ? y.data_ptr<scalar_t>() : nullptr;
+  acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
+  // parts: token sum of z^2, and (with a mask) the all-row sum of z^2
+  const int64_t parts = kMask ? 2 : 1;
+  std::vector<acc_t> partial(kSums ? nblocks * parts * C : 0);
+
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> z(C);
+    acc_t unit = 1;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      acc_t* __restrict__ tok = kSums ? partial.data() + blk * parts * C : nullptr;
+      acc_t* __restrict__ all = kSums && kMask ? tok + C : nullptr;
+      if (kSums) std::fill(tok, tok + parts * C, acc_t(0));
+      for (int64_t n = blk * kBlockRows; n < std::min(N, (blk + 1) * kBlockRows); ++n) {
+        const acc_t* __restrict__ zr = row_in_place<scalar_t, acc_t>(xp + n * C, groups)
+            ? reinterpret_cast<const acc_t*>(xp + n * C)
+            : load_scaled_row(xp + n * C, C, groups, eps, z.data(), groups ? rp + n * G : &unit);
+        if (kSums) {
+          if (kMask) {
+            const acc_t mn = mp[n];
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t sq = zr[c] * zr[c];
+              all[c] += sq;
+              tok[c] += mn * sq;
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) tok[c] += zr[c] * zr[c];
+          }
+        }
+        if (kOut) {
+          scalar_t* __restrict__ yr = yp + n * C;
+          for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(zr[c] * sc[c] + sh[c]);
+        }
+      }
+    }
+  });
+  if (kSums) reduce_blocks(partial, nblocks, parts, C, sums);
+}
+
+template <typename scalar_t, bool kMask, bool kSums, bool kGrad>
+void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Tensor& m,
+                   int64_t groups, const Tensor& a, const Tensor& b, bool b_all_rows, Tensor& dx,
+                   std::vector<Tensor>& sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups;
+  const int64_t cg = groups == 0 ? C : C / groups;
+  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+  const scalar_t* dyp = dy.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
+  const acc_t* mp = kMask ? m.data_ptr<acc_t>() : nullptr;
+  const acc_t* __restrict__ ap = kGrad ? a.data_ptr<acc_t>() : nullptr;
+  const acc_t* __restrict__ bp = kGrad ? b.data_ptr<acc_t>() : nullptr;
+  scalar_t* dxp = kGrad ? dx.data_ptr<scalar_t>() : nullptr;
+  // parts: token sum of dy z, all-row sum of dy z, all-row sum of dy
+  constexpr int64_t parts = 3;
+  std::vector<acc_t> partial(kSums ? nblocks * parts * C : 0);
+
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> z(C), dz(C);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      acc_t* __restrict__ tok = kSums ? partial.data() + blk * parts * C : nullptr;
+      acc_t* __restrict__ all = kSums ? tok + C : nullptr;
+      acc_t* __restrict__ dsum = kSums ? tok + 2 * C : nullptr;
+      if (kSums) std::fill(tok, tok + parts * C, acc_t(0));
+      for (int64_t n = blk * kBlockRows; n < std::min(N, (blk + 1) * kBlockRows); ++n) {
+        const scalar_t* __restrict__ dyr = dyp + n * C;
+        const acc_t* __restrict__ zr = row_in_place<scalar_t, acc_t>(xp + n * C, groups)
+            ? reinterpret_cast<const acc_t*>(xp + n * C)
+            : load_row(xp + n * C, C, groups, groups ? rp + n * G : nullptr, z.data());
+        const acc_t mn = kMask ? mp[n] : acc_t(1);
+        const acc_t w = b_all_rows ? acc_t(1) : mn;
+        // dz goes straight to dx without groups; with them it is kept for the group sums
+        acc_t* __restrict__ dzr = dz.data();
+        if (kSums) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(dyr[c]);
+            const acc_t p = d * zr[c];
+            all[c] += p;
+            tok[c] += mn * p;
+            dsum[c] += d;
+          }
+        }
+        if (kGrad) {
+          scalar_t* __restrict__ dxr = dxp + n * C;
+          if (groups == 0) {
+            for (int64_t c = 0; c < C; ++c)
+              dxr[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(dyr[c]) - w * bp[c] * zr[c]);
+          } else {
+            for (int64_t c = 0; c < C; ++c)
+              dzr[c] = ap[c] * static_cast<acc_t>(dyr[c]) - w * bp[c] * zr[c];
+            for (int64_t g = 0; g < groups; ++g) {
+              const int64_t lo = g * cg;
+              const acc_t rg = rp[n * G + g];
+              const acc_t q = dot(dzr + lo, zr + lo, cg) / acc_t(cg);
+              for (int64_t c = lo; c < lo + cg; ++c)
+                dxr[c] = static_cast<scalar_t>(rg * (dzr[c] - zr[c] * q));
+            }
+          }
+        }
+      }
+    }
+  });
+  if (kSums) reduce_blocks(partial, nblocks, parts, C, sums);
+}
+
+void check_2d(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "powernorm_cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "powernorm_cpu: ", name,
+              " must be a contiguous (rows, features) tensor, got shape ", t.sizes());
+}
+
+void check_vector(const c10::optional<Tensor>& t, int64_t len, at::ScalarType acc,
+                  const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->is_contiguous() &&
+                  t->scalar_type() == acc && t->device().is_cpu(),
+              "powernorm_cpu: ", name, " must be a contiguous CPU ", acc, " vector of length ",
+              len, ", got ", t->scalar_type(), " of shape ", t->sizes());
+}
+
+at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Dispatches a kernel over the input dtype and the three compile-time switches.
+#define POWERNORM_DISPATCH(DTYPE, B1, B2, B3, KERNEL, ...)                                 \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DTYPE, "powernorm_cpu", [&] {  \
+    if (B1 && B2 && B3) KERNEL<scalar_t, true, true, true>(__VA_ARGS__);                  \
+    else if (B1 && B2) KERNEL<scalar_t, true, true, false>(__VA_ARGS__);                  \
+    else if (B1 && B3) KERNEL<scalar_t, true, false, true>(__VA_ARGS__);                  \
+    else if (B1) KERNEL<scalar_t, true, false, false>(__VA_ARGS__);                       \
+    else if (B2 && B3) KERNEL<scalar_t, false, true, true>(__VA_ARGS__);                  \
+    else if (B2) KERNEL<scalar_t, false, true, false>(__VA_ARGS__);                       \
+    else if (B3) KERNEL<scalar_t, false, false, true>(__VA_ARGS__);                       \
+  })
+
+void check_groups(int64_t C, int64_t groups) {
+  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "powernorm_cpu: groups=", groups,
+              " must be 0 or divide the ", C, " features");
+}
+
+}  // namespace
+
+// Returns (y, token sum of z^2, all-row sum of z^2, r). y is computed where scale and shift
+// are given (else empty), the sums where `sums` is true (else empty; without a mask the two
+// are the same tensor), r (rows x groups) where groups > 0 (else empty).
+std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, int64_t groups,
+                            double eps, const c10::optional<Tensor>& scale,
+                            const c10::optional<Tensor>& shift, bool sums) {
+  check_2d(x, "x");
+  const int64_t N = x.size(0), C = x.size(1);
+  check_groups(C, groups);
+  const auto acc = acc_type(x);
+  check_vector(mask, N, acc, "mask");
+  check_vector(scale, C, acc, "scale");
+  check_vector(shift, C, acc, "shift");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "powernorm_cpu: give scale and shift together");
+  const bool has_mask = mask.has_value(), out = scale.has_value();
+  TORCH_CHECK(sums || out, "powernorm_cpu.forward: nothing to compute");
+  auto opts = x.options().dtype(acc);
+  Tensor y = out ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor r = groups ? at::empty({N, groups}, opts) : at::empty({0}, opts);
+  std::vector<Tensor> totals;
+  if (sums) {
+    totals.push_back(at::empty({C}, opts));
+    if (has_mask) totals.push_back(at::empty({C}, opts));
+  }
+  const Tensor none;
+  POWERNORM_DISPATCH(x.scalar_type(), has_mask, sums, out, forward_impl, x,
+                     has_mask ? *mask : none, groups, eps, out ? *scale : none,
+                     out ? *shift : none, y, r, totals);
+  Tensor token = sums ? totals[0] : at::empty({0}, opts);
+  Tensor all = sums ? totals.back() : token;
+  return {y, token, all, r};
+}
+
+// Returns (dx, token sum of dy z, all-row sum of dy z, all-row sum of dy). dx is computed where
+// a and b are given (else empty), the sums where `sums` is true (else empty).
+std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& r,
+                             const c10::optional<Tensor>& mask, int64_t groups,
+                             const c10::optional<Tensor>& a, const c10::optional<Tensor>& b,
+                             bool b_all_rows, bool sums) {
+  check_2d(x, "x");
+  check_2d(dy, "dy");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "powernorm_cpu: dy must match x in shape and dtype");
+  const int64_t N = x.size(0), C = x.size(1);
+  check_groups(C, groups);
+  const auto acc = acc_type(x);
+  check_vector(mask, N, acc, "mask");
+  check_vector(a, C, acc, "a");
+  check_vector(b, C, acc, "b");
+  TORCH_CHECK(a.has_value() == b.has_value(), "powernorm_cpu: give a and b together");
+  TORCH_CHECK(groups == 0 || (r.has_value() && r->is_contiguous() && r->scalar_type() == acc &&
+                              r->numel() == N * groups),
+              "powernorm_cpu: groups > 0 needs the forward's r of shape (rows, groups)");
+  const bool has_mask = mask.has_value(), grad = a.has_value();
+  TORCH_CHECK(sums || grad, "powernorm_cpu.backward: nothing to compute");
+  auto opts = x.options().dtype(acc);
+  Tensor dx = grad ? at::empty_like(x) : at::empty({0}, x.options());
+  std::vector<Tensor> totals;
+  if (sums) {
+    for (int k = 0; k < 3; ++k) totals.push_back(at::empty({C}, opts));
+  }
+  const Tensor none;
+  POWERNORM_DISPATCH(x.scalar_type(), has_mask, sums, grad, backward_impl, dy, x,
+                     groups ? *r : none, has_mask ? *mask : none, groups, grad ? *a : none,
+                     grad ? *b : none, b_all_rows, dx, totals);
+  if (!sums) {
+    Tensor empty = at::empty({0}, opts);
+    return {dx, empty, empty, empty};
+  }
+  return {dx, totals[0], totals[1], totals[2]};
+}
+
+// Registered as the operators torch.ops.powernorm_plugin.forward / .backward.
+TORCH_LIBRARY(powernorm_plugin, m) {
+  m.def("forward(Tensor x, Tensor? mask, int groups, float eps, Tensor? scale, Tensor? shift, "
+        "bool sums) -> Tensor[]",
+        &forward);
+  m.def("backward(Tensor dy, Tensor x, Tensor? r, Tensor? mask, int groups, Tensor? a, "
+        "Tensor? b, bool b_all_rows, bool sums) -> Tensor[]",
+        &backward);
+}

@@ -1,0 +1,37 @@
+"""The native CPU kernels: built once into the cache, then loaded without rebuilding."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+LOAD = """
+import logging, torch
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from powernorm_plugin.modules import PowerNorm
+pn = PowerNorm(8, group_num=2, backend="native")
+x = torch.randn(4, 3, 8, requires_grad=True)
+pn(x).sum().backward()
+print("ok", bool(torch.isfinite(x.grad).all()))
+"""
+
+
+def load_in_fresh_process(cache):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ok True" in proc.stdout
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_native_kernels_build_once_into_the_cache_and_leave_no_lock(tmp_path):
+    first = load_in_fresh_process(tmp_path)
+    assert "building PowerNorm's CPU kernels" in first
+    libraries = list((tmp_path / "powernorm_plugin").glob("*/*"))
+    assert [p.name for p in libraries] == ["powernorm_plugin_cpu.so"]  # no build folder or lock left
+    second = load_in_fresh_process(tmp_path)
+    assert "building" not in second
