@@ -33,21 +33,30 @@ def check_input(x, num_features, layer):
 class TokenMask:
     """Which rows of the flattened (T*B, C) input are real tokens.
 
-    ``weights`` is 1.0 for tokens and 0.0 for padding (None: no padding), ``pad_rows`` the
-    indices of padding rows (None: none), ``count`` the number of tokens.
+    ``weights`` is 1.0 for tokens and 0.0 for padding (None: no padding), ``count`` the number
+    of tokens, ``rows`` the number of rows; :attr:`pad_rows` the indices of padding rows.
     """
 
     weights: Optional[torch.Tensor]
-    pad_rows: Optional[torch.Tensor]
     count: int
     rows: int
+
+    @property
+    def pad_rows(self):
+        """Indices of the padding rows (None: none), computed on first use: only the eager
+        kernels index rows, and on a GPU ``nonzero`` waits for the device."""
+        if self.weights is None:
+            return None
+        if not hasattr(self, "_pad_rows"):
+            self._pad_rows = (self.weights == 0).nonzero().squeeze(1)
+        return self._pad_rows
 
 
 def token_mask(padding_mask, T, B, device, dtype, layer):
     """Turn fairseq's (B, T) bool padding mask into a :class:`TokenMask` over (T*B) rows."""
     rows = T * B
     if padding_mask is None:
-        return TokenMask(None, None, rows, rows)
+        return TokenMask(None, rows, rows)
     if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
         got = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
         raise TypeError(f"{layer}: padding_mask must be a bool tensor (True = padding), got {got}")
@@ -56,13 +65,11 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
             f"{layer}: padding_mask must have shape (B, T) = ({B}, {T}) for an input of shape "
             f"(T, B, C) = ({T}, {B}, C), got {tuple(padding_mask.shape)}"
         )
-    pad = padding_mask.to(device).t().reshape(rows)
-    pad_rows = pad.nonzero().squeeze(1)
-    n_pad = pad_rows.numel()
-    if n_pad == 0:
-        return TokenMask(None, None, rows, rows)
-    weights = (~pad).to(dtype)
-    return TokenMask(weights, pad_rows, rows - n_pad, rows)
+    weights = (~padding_mask.to(device)).t().reshape(rows).to(dtype)
+    count = int(weights.sum())
+    if count == rows:
+        return TokenMask(None, rows, rows)
+    return TokenMask(weights, count, rows)
 
 
 def distributed_world(enabled, group=None):
@@ -74,9 +81,12 @@ def distributed_world(enabled, group=None):
     return group if group is not None else dist.group.WORLD
 
 
-def all_reduce_sum(tensor, group):
-    """Sum ``tensor`` in place over ``group`` (a no-op when group is None)."""
+def all_reduce_sum(tensor, group, copy=False):
+    """Sum ``tensor`` over ``group``, in place, or into a copy with ``copy=True`` (for a
+    tensor still needed as it is); with group None, ``tensor`` itself."""
     if group is not None:
+        if copy:
+            tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 

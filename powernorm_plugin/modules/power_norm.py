@@ -150,7 +150,7 @@ class PowerNormFunction(torch.autograd.Function):
             # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n, so the
             # sums come first and the input gradient second
             _, token_dz, all_dz, dy_sum = k.backward(dy, x, r, mask, cfg.groups)
-            total = all_reduce_sum(all_dz.clone(), ctx.group)
+            total = all_reduce_sum(all_dz, ctx.group, copy=True)
             dx = grad(a, w * inv.pow(3) * total / ctx.count, sums=False)[0]
         else:
             nu = ctx.running_nu.to(inv.dtype)
@@ -158,12 +158,12 @@ class PowerNormFunction(torch.autograd.Function):
                 (psi_b,) = saved
                 dx, token_dz, all_dz, dy_sum = grad(a, nu * inv * inv)
                 gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
-                lambda_t = w * inv * all_reduce_sum(token_dz.clone(), ctx.group) / ctx.count
+                lambda_t = w * inv * all_reduce_sum(token_dz, ctx.group, copy=True) / ctx.count
             else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
                 all_sq, inv_b = saved
                 dx, token_dz, all_dz, dy_sum = grad(w * inv_b, nu * inv * inv_b, b_all_rows=True)
                 gamma_t = inv * inv * all_sq / ctx.rows
-                lambda_t = w * inv * all_reduce_sum(all_dz.clone(), ctx.group) / ctx.rows
+                lambda_t = w * inv * all_reduce_sum(all_dz, ctx.group, copy=True) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
 
         grad_w = (all_dz * inv).to(ctx.weight_dtype) if ctx.weight_dtype is not None else None

@@ -28,7 +28,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -37,57 +36,20 @@ using at::Tensor;
 
 constexpr int64_t kBlockRows = 64;
 
-// sum_i u_i v_i over a short contiguous span, in eight independent lanes so that the
-// compiler vectorizes it (a single running sum would be one long dependency chain).
-template <typename acc_t>
-inline acc_t dot(const acc_t* u, const acc_t* v, int64_t len) {
+// sum_i u_i v_i over a group's span of one row, at compute precision, in eight independent
+// lanes: the compiler vectorizes that, not a single running sum (one long dependency chain).
+template <typename acc_t, typename U, typename V>
+inline acc_t dot(const U* __restrict__ u, const V* __restrict__ v, int64_t len) {
   acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
-    for (int k = 0; k < 8; ++k) lane[k] += u[i + k] * v[i + k];
+    for (int k = 0; k < 8; ++k)
+      lane[k] += static_cast<acc_t>(u[i + k]) * static_cast<acc_t>(v[i + k]);
   }
   acc_t total = 0;
-  for (; i < len; ++i) total += u[i] * v[i];
+  for (; i < len; ++i) total += static_cast<acc_t>(u[i]) * static_cast<acc_t>(v[i]);
   for (int k = 0; k < 8; ++k) total += lane[k];
   return total;
-}
-
-// Loads row n of x into `z` at compute precision, scaled by its group factors (stored in r).
-template <typename scalar_t, typename acc_t>
-inline const acc_t* load_scaled_row(const scalar_t* x, int64_t C, int64_t groups, acc_t eps,
-                                    acc_t* z, acc_t* r) {
-  for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(x[c]);
-  if (groups == 0) return z;
-  const int64_t cg = C / groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    acc_t* zg = z + g * cg;
-    const acc_t rg = acc_t(1) / std::sqrt(dot(zg, zg, cg) / acc_t(cg) + eps);
-    r[g] = rg;
-    for (int64_t c = 0; c < cg; ++c) zg[c] *= rg;
-  }
-  return z;
-}
-
-// Same, with the group factors already known (the backward, or a second forward pass).
-template <typename scalar_t, typename acc_t>
-inline const acc_t* load_row(const scalar_t* x, int64_t C, int64_t groups, const acc_t* r,
-                             acc_t* z) {
-  if (groups == 0) {
-    for (int64_t c = 0; c < C; ++c) z[c] = static_cast<acc_t>(x[c]);
-    return z;
-  }
-  const int64_t cg = C / groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    const acc_t rg = r[g];
-    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) z[c] = static_cast<acc_t>(x[c]) * rg;
-  }
-  return z;
-}
-
-// Without groups, a row already at compute precision is read where it lies, not copied.
-template <typename scalar_t, typename acc_t>
-constexpr bool row_in_place(const scalar_t*, int64_t groups) {
-  return std::is_same<scalar_t, acc_t>::value && groups == 0;
 }
 
 // Adds the block partials (nblocks x parts x C, block-major) in block order into `out`.
@@ -104,12 +66,14 @@ void reduce_blocks(const std::vector<acc_t>& partial, int64_t nblocks, int64_t p
   }
 }
 
+// Every row is handled one channel group at a time (no groups: one group of C channels with
+// r = 1), in one sweep over the group's span while it is in cache.
 template <typename scalar_t, bool kMask, bool kSums, bool kOut>
 void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d,
                   const Tensor& scale, const Tensor& shift, Tensor& y, Tensor& r,
                   std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups;
+  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
   const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
   const acc_t eps = static_cast<acc_t>(eps_d);
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -123,31 +87,35 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
   std::vector<acc_t> partial(kSums ? nblocks * parts * C : 0);
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> z(C);
-    acc_t unit = 1;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* __restrict__ tok = kSums ? partial.data() + blk * parts * C : nullptr;
-      acc_t* __restrict__ all = kSums && kMask ? tok + C : nullptr;
-      if (kSums) std::fill(tok, tok + parts * C, acc_t(0));
+      acc_t* block = kSums ? partial.data() + blk * parts * C : nullptr;
+      if (kSums) std::fill(block, block + parts * C, acc_t(0));
       for (int64_t n = blk * kBlockRows; n < std::min(N, (blk + 1) * kBlockRows); ++n) {
-        const acc_t* __restrict__ zr = row_in_place<scalar_t, acc_t>(xp + n * C, groups)
-            ? reinterpret_cast<const acc_t*>(xp + n * C)
-            : load_scaled_row(xp + n * C, C, groups, eps, z.data(), groups ? rp + n * G : &unit);
-        if (kSums) {
-          if (kMask) {
-            const acc_t mn = mp[n];
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t sq = zr[c] * zr[c];
-              all[c] += sq;
-              tok[c] += mn * sq;
-            }
-          } else {
-            for (int64_t c = 0; c < C; ++c) tok[c] += zr[c] * zr[c];
+        const acc_t mn = kMask ? mp[n] : acc_t(1);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t lo = g * cg;
+          const scalar_t* __restrict__ xg = xp + n * C + lo;
+          acc_t rg = 1;
+          if (groups) {
+            rg = acc_t(1) / std::sqrt(dot<acc_t>(xg, xg, cg) / acc_t(cg) + eps);
+            rp[n * G + g] = rg;
           }
-        }
-        if (kOut) {
-          scalar_t* __restrict__ yr = yp + n * C;
-          for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(zr[c] * sc[c] + sh[c]);
+          acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
+          acc_t* __restrict__ all = kSums && kMask ? block + C + lo : nullptr;
+          scalar_t* __restrict__ yg = kOut ? yp + n * C + lo : nullptr;
+#pragma omp simd
+          for (int64_t c = 0; c < cg; ++c) {
+            const acc_t z = static_cast<acc_t>(xg[c]) * rg;
+            if (kSums) {
+              if (kMask) {
+                all[c] += z * z;
+                tok[c] += mn * z * z;
+              } else {
+                tok[c] += z * z;
+              }
+            }
+            if (kOut) yg[c] = static_cast<scalar_t>(z * sc[lo + c] + sh[lo + c]);
+          }
         }
       }
     }
@@ -160,8 +128,7 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
                    int64_t groups, const Tensor& a, const Tensor& b, bool b_all_rows, Tensor& dx,
                    std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups;
-  const int64_t cg = groups == 0 ? C : C / groups;
+  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
   const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -175,45 +142,50 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
   std::vector<acc_t> partial(kSums ? nblocks * parts * C : 0);
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> z(C), dz(C);
+    std::vector<acc_t> dz_buffer(groups ? cg : 0);  // a group's dz, kept for its second sweep
     for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* __restrict__ tok = kSums ? partial.data() + blk * parts * C : nullptr;
-      acc_t* __restrict__ all = kSums ? tok + C : nullptr;
-      acc_t* __restrict__ dsum = kSums ? tok + 2 * C : nullptr;
-      if (kSums) std::fill(tok, tok + parts * C, acc_t(0));
+      acc_t* block = kSums ? partial.data() + blk * parts * C : nullptr;
+      if (kSums) std::fill(block, block + parts * C, acc_t(0));
       for (int64_t n = blk * kBlockRows; n < std::min(N, (blk + 1) * kBlockRows); ++n) {
-        const scalar_t* __restrict__ dyr = dyp + n * C;
-        const acc_t* __restrict__ zr = row_in_place<scalar_t, acc_t>(xp + n * C, groups)
-            ? reinterpret_cast<const acc_t*>(xp + n * C)
-            : load_row(xp + n * C, C, groups, groups ? rp + n * G : nullptr, z.data());
         const acc_t mn = kMask ? mp[n] : acc_t(1);
         const acc_t w = b_all_rows ? acc_t(1) : mn;
-        // dz goes straight to dx without groups; with them it is kept for the group sums
-        acc_t* __restrict__ dzr = dz.data();
-        if (kSums) {
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(dyr[c]);
-            const acc_t p = d * zr[c];
-            all[c] += p;
-            tok[c] += mn * p;
-            dsum[c] += d;
-          }
-        }
-        if (kGrad) {
-          scalar_t* __restrict__ dxr = dxp + n * C;
-          if (groups == 0) {
-            for (int64_t c = 0; c < C; ++c)
-              dxr[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(dyr[c]) - w * bp[c] * zr[c]);
-          } else {
-            for (int64_t c = 0; c < C; ++c)
-              dzr[c] = ap[c] * static_cast<acc_t>(dyr[c]) - w * bp[c] * zr[c];
-            for (int64_t g = 0; g < groups; ++g) {
-              const int64_t lo = g * cg;
-              const acc_t rg = rp[n * G + g];
-              const acc_t q = dot(dzr + lo, zr + lo, cg) / acc_t(cg);
-              for (int64_t c = lo; c < lo + cg; ++c)
-                dxr[c] = static_cast<scalar_t>(rg * (dzr[c] - zr[c] * q));
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t lo = g * cg;
+          const scalar_t* __restrict__ xg = xp + n * C + lo;
+          const scalar_t* __restrict__ dyg = dyp + n * C + lo;
+          const acc_t rg = groups ? rp[n * G + g] : acc_t(1);
+          acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
+          acc_t* __restrict__ all = kSums ? block + C + lo : nullptr;
+          acc_t* __restrict__ dsum = kSums ? block + 2 * C + lo : nullptr;
+          scalar_t* __restrict__ dxg = kGrad ? dxp + n * C + lo : nullptr;
+          if (kSums) {
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c) {
+              const acc_t z = static_cast<acc_t>(xg[c]) * rg;
+              const acc_t d = static_cast<acc_t>(dyg[c]);
+              all[c] += d * z;
+              tok[c] += mn * d * z;
+              dsum[c] += d;
             }
+          }
+          if (kGrad && !groups) {
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c) {
+              const acc_t z = static_cast<acc_t>(xg[c]);
+              dxg[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(dyg[c]) - w * bp[c] * z);
+            }
+          } else if (kGrad) {
+            // dz for the group, then dx = r (dz - z q) with q = mean(dz * z) = r mean(dz * x)
+            acc_t* __restrict__ dzg = dz_buffer.data();
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c) {
+              const acc_t z = static_cast<acc_t>(xg[c]) * rg;
+              dzg[c] = ap[lo + c] * static_cast<acc_t>(dyg[c]) - w * bp[lo + c] * z;
+            }
+            const acc_t q = rg * dot<acc_t>(dzg, xg, cg) / acc_t(cg);
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c)
+              dxg[c] = static_cast<scalar_t>(rg * (dzg[c] - static_cast<acc_t>(xg[c]) * rg * q));
           }
         }
       }
