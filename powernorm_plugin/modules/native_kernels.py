@@ -86,6 +86,8 @@ class NativeKernels(EagerKernels):
 
     def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True):
         y, token_sq, all_sq, r = self.ops.forward(x, mask.weights, groups or 0, eps, scale, shift, sums)
+        if mask.weights is None:
+            all_sq = token_sq  # every row is a token
         return (y if scale is not None else None, token_sq if sums else None,
                 all_sq if sums else None, r if groups else None)
 

@@ -27,9 +27,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+namespace powernorm_plugin {
 namespace {
 
 using at::Tensor;
@@ -209,10 +211,6 @@ void check_vector(const c10::optional<Tensor>& t, int64_t len, at::ScalarType ac
               len, ", got ", t->scalar_type(), " of shape ", t->sizes());
 }
 
-at::ScalarType acc_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Dispatches a kernel over the input dtype and the three compile-time switches.
 #define POWERNORM_DISPATCH(DTYPE, B1, B2, B3, KERNEL, ...)                                 \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DTYPE, "powernorm_cpu", [&] {  \
@@ -225,24 +223,28 @@ at::ScalarType acc_type(const Tensor& x) {
     else if (B3) KERNEL<scalar_t, false, false, true>(__VA_ARGS__);                       \
   })
 
-void check_groups(int64_t C, int64_t groups) {
+// Checks what both passes take: a (rows, C) input, its groups and its token mask; returns
+// the compute dtype.
+at::ScalarType check_common(const Tensor& x, int64_t groups, const c10::optional<Tensor>& mask) {
+  check_2d(x, "x");
+  const int64_t C = x.size(1);
   TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "powernorm_cpu: groups=", groups,
               " must be 0 or divide the ", C, " features");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_vector(mask, x.size(0), acc, "mask");
+  return acc;
 }
 
 }  // namespace
 
 // Returns (y, token sum of z^2, all-row sum of z^2, r). y is computed where scale and shift
-// are given (else empty), the sums where `sums` is true (else empty; without a mask the two
-// are the same tensor), r (rows x groups) where groups > 0 (else empty).
+// are given (else empty), the sums where `sums` is true (else empty; without a mask the
+// all-row sum is left empty: it equals the token sum), r (rows x groups) where groups > 0.
 std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, int64_t groups,
                             double eps, const c10::optional<Tensor>& scale,
                             const c10::optional<Tensor>& shift, bool sums) {
-  check_2d(x, "x");
+  const auto acc = check_common(x, groups, mask);
   const int64_t N = x.size(0), C = x.size(1);
-  check_groups(C, groups);
-  const auto acc = acc_type(x);
-  check_vector(mask, N, acc, "mask");
   check_vector(scale, C, acc, "scale");
   check_vector(shift, C, acc, "shift");
   TORCH_CHECK(scale.has_value() == shift.has_value(), "powernorm_cpu: give scale and shift together");
@@ -261,7 +263,7 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, 
                      has_mask ? *mask : none, groups, eps, out ? *scale : none,
                      out ? *shift : none, y, r, totals);
   Tensor token = sums ? totals[0] : at::empty({0}, opts);
-  Tensor all = sums ? totals.back() : token;
+  Tensor all = sums && has_mask ? totals[1] : at::empty({0}, opts);
   return {y, token, all, r};
 }
 
@@ -271,14 +273,11 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optio
                              const c10::optional<Tensor>& mask, int64_t groups,
                              const c10::optional<Tensor>& a, const c10::optional<Tensor>& b,
                              bool b_all_rows, bool sums) {
-  check_2d(x, "x");
+  const auto acc = check_common(x, groups, mask);
   check_2d(dy, "dy");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "powernorm_cpu: dy must match x in shape and dtype");
   const int64_t N = x.size(0), C = x.size(1);
-  check_groups(C, groups);
-  const auto acc = acc_type(x);
-  check_vector(mask, N, acc, "mask");
   check_vector(a, C, acc, "a");
   check_vector(b, C, acc, "b");
   TORCH_CHECK(a.has_value() == b.has_value(), "powernorm_cpu: give a and b together");
@@ -304,12 +303,14 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optio
   return {dx, totals[0], totals[1], totals[2]};
 }
 
+}  // namespace powernorm_plugin
+
 // Registered as the operators torch.ops.powernorm_plugin.forward / .backward.
 TORCH_LIBRARY(powernorm_plugin, m) {
   m.def("forward(Tensor x, Tensor? mask, int groups, float eps, Tensor? scale, Tensor? shift, "
         "bool sums) -> Tensor[]",
-        &forward);
+        &powernorm_plugin::forward);
   m.def("backward(Tensor dy, Tensor x, Tensor? r, Tensor? mask, int groups, Tensor? a, "
         "Tensor? b, bool b_all_rows, bool sums) -> Tensor[]",
-        &backward);
+        &powernorm_plugin::backward);
 }
