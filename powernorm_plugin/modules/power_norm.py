@@ -85,27 +85,19 @@ class PowerNormFunction(torch.autograd.Function):
         step = int(num_steps) + 1
         warm = step <= cfg.warmup_updates
         use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
-        phi_prev = running_phi.to(cd, copy=True)  # running_phi is updated in place below
-        w = weight.to(cd) if weight is not None else torch.ones_like(phi_prev)
-        b = bias.to(cd) if bias is not None else torch.zeros_like(phi_prev)
+        w = weight.to(cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
+        b = bias.to(cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
         y = None
         if use_batch:  # the scale needs this batch's psi_B: sums first, output second
             _, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps)
-        else:
-            inv = torch.rsqrt(phi_prev + cfg.eps)
+        else:  # psi_{t-1}: running_phi before this step's update
+            inv = torch.rsqrt(running_phi.to(cd) + cfg.eps)
             y, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b)
-
-        # One all-reduce carries the token sum of z^2 and the token count and, for the
-        # official mode, the sum of z^2 over every row and the row count.
-        parts = [token_sq, token_sq.new_tensor([mask.count])]
-        if cfg.mode == "official":
-            parts += [all_sq, token_sq.new_tensor([mask.rows])]
-        stats = all_reduce_sum(torch.cat(parts), group)
-        count = float(stats[C])
+        count, rows, token_sq, all_sq = _synchronized(token_sq, all_sq, mask, group, cfg.mode)
 
         saved = []
         if count > 0:
-            psi_b = stats[:C] / count
+            psi_b = token_sq / count
             if not torch.isfinite(psi_b).all():
                 raise FloatingPointError(
                     f"{cfg.name}: the batch statistic psi_B^2 is not finite (the input holds NaN "
@@ -116,10 +108,10 @@ class PowerNormFunction(torch.autograd.Function):
             if cfg.mode == "paper":
                 saved = [psi_b]
             elif cfg.mode == "official":
-                ctx.rows = float(stats[2 * C + 1])
-                saved = [stats[C + 1 : 2 * C + 1], torch.rsqrt(psi_b + cfg.eps)]
-        if y is None:  # a batch of padding only has no psi_B: it takes psi_{t-1}
-            inv = torch.rsqrt((psi_b if count > 0 else phi_prev) + cfg.eps)
+                ctx.rows = rows
+                saved = [all_sq, torch.rsqrt(psi_b + cfg.eps)]
+        if y is None:  # a batch of padding only has no psi_B: it takes psi_{t-1} (unchanged)
+            inv = torch.rsqrt((psi_b if count > 0 else running_phi.to(cd)) + cfg.eps)
             y = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b, sums=False)[0]
 
         ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
@@ -156,14 +148,15 @@ class PowerNormFunction(torch.autograd.Function):
             nu = ctx.running_nu.to(inv.dtype)
             if cfg.mode == "paper":
                 (psi_b,) = saved
-                dx, token_dz, all_dz, dy_sum = grad(a, nu * inv * inv)
-                gamma_t = inv * inv * psi_b  # mean_tokens zhat^2
-                lambda_t = w * inv * all_reduce_sum(token_dz, ctx.group, copy=True) / ctx.count
+                inv_sq = inv * inv
+                dx, token_dz, all_dz, dy_sum = grad(a, nu * inv_sq)
+                gamma_t = inv_sq * psi_b  # mean_tokens zhat^2
+                lambda_t = a * all_reduce_sum(token_dz, ctx.group, copy=True) / ctx.count
             else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
                 all_sq, inv_b = saved
                 dx, token_dz, all_dz, dy_sum = grad(w * inv_b, nu * inv * inv_b, b_all_rows=True)
                 gamma_t = inv * inv * all_sq / ctx.rows
-                lambda_t = w * inv * all_reduce_sum(all_dz, ctx.group, copy=True) / ctx.rows
+                lambda_t = a * all_reduce_sum(all_dz, ctx.group, copy=True) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
 
         grad_w = (all_dz * inv).to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
@@ -171,27 +164,46 @@ class PowerNormFunction(torch.autograd.Function):
         return dx, grad_w, grad_b, None, None, None, None, None
 
 
+def _synchronized(token_sq, all_sq, mask, group, mode):
+    """(token count, row count, token sum of z^2, all-row sum of z^2) over the process group.
+
+    One all-reduce carries the token sum and the token count and, for the official mode,
+    the all-row sum and the row count. Without a group the counts come from the mask.
+    """
+    if group is None:
+        return mask.count, mask.rows, token_sq, all_sq
+    C = token_sq.numel()
+    parts = [token_sq, token_sq.new_tensor([mask.count])]
+    if mode == "official":
+        parts += [all_sq, token_sq.new_tensor([mask.rows])]
+    stats = all_reduce_sum(torch.cat(parts), group)
+    rows = float(stats[2 * C + 1]) if mode == "official" else None
+    return float(stats[C]), rows, stats[:C], stats[C + 1 : 2 * C + 1]
+
+
 def _update_running_phi(running_phi, psi_b, step, warm, cfg):
     """psi^2 <- cumulative mean of psi_B^2 during warm-up, a_f psi^2 + (1 - a_f) psi_B^2 after.
 
     The official mode applies the EMA during warm-up as well, after the cumulative mean.
+    Both are linear interpolations: the mean moves 1/step of the way to psi_B^2.
     """
-    phi = running_phi.to(psi_b.dtype)
+    psi_b = psi_b.to(running_phi.dtype)
     if warm:
-        phi = phi * ((step - 1) / step) + psi_b / step
+        running_phi.lerp_(psi_b, 1.0 / step)
     if not warm or cfg.mode == "official":
-        phi = cfg.alpha_fwd * phi + (1.0 - cfg.alpha_fwd) * psi_b
-    running_phi.copy_(phi)
+        running_phi.lerp_(psi_b, 1.0 - cfg.alpha_fwd)
 
 
 def _update_running_nu(running_nu, nu, gamma_t, lambda_t, alpha_bkw):
     """nu <- nu (1 - (1 - a_b) Gamma) + (1 - a_b) Lambda, left unchanged where not finite.
 
-    Non-finite gradients are expected under fp16 loss scaling (fairseq then skips the step
-    and lowers the scale): they must not poison nu, and checking needs no host sync.
+    Computed as nu + (1 - a_b) (Lambda - nu Gamma). Non-finite gradients are expected under
+    fp16 loss scaling (fairseq then skips the step and lowers the scale): they must not
+    poison nu, and checking needs no host sync.
     """
-    new = nu * (1.0 - (1.0 - alpha_bkw) * gamma_t) + (1.0 - alpha_bkw) * lambda_t
-    running_nu.copy_(torch.where(torch.isfinite(new), new, nu))
+    new = torch.addcmul(lambda_t, nu, gamma_t, value=-1.0).mul_(1.0 - alpha_bkw).add_(nu)
+    torch.where(torch.isfinite(new), new, nu, out=new)
+    running_nu.copy_(new)
 
 
 class PowerNorm(FP32BuffersMixin, nn.Module):
