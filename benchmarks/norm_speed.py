@@ -2,13 +2,25 @@
 
 Training mode, (T, B, C) inputs with ~10% padding (as in fairseq batches), measured side by side
 in one process: the layers are timed in interleaved rounds and the median per layer is kept,
-so the ratios are robust to machine noise. Run:
+so the ratios are robust to machine noise. Each layer's median and fastest round are shown.
+
+On the CPU, glibc's malloc returns freed heap memory to the kernel once enough of it is free
+at the top of the heap, and the next large tensor then page-faults its memory back in. Which
+layer pays for that depends on the sequence of allocations in the process, not on the layer
+(on the development machine it added up to ~1,900 page faults, about 2 ms, to a LayerNorm
+step in one run and to a PowerNorm step in another). By default the benchmark therefore
+keeps freed memory mapped (``--malloc steady``, glibc's M_TRIM_THRESHOLD and
+M_MMAP_THRESHOLD, as a caching allocator would), and the page faults per step are reported
+beside each time; ``--malloc default`` leaves glibc as it is. Run:
 
     python benchmarks/norm_speed.py                 # CPU, and CUDA when available
     python benchmarks/norm_speed.py --device cpu --shapes 64x64x512 32x128x1024
 """
 import argparse
+import ctypes
+import ctypes.util
 import os
+import resource
 import statistics
 import sys
 import time
@@ -35,6 +47,18 @@ def layers(C, heads, backends, device):
             yield f"PowerNorm[{mode}] {backend}", PowerNorm(C, mode=mode, backend=backend), True
         yield (f"PowerNorm[paper,group_num={heads}] {backend}",
                PowerNorm(C, group_num=heads, backend=backend), True)
+
+
+def keep_freed_memory_mapped():
+    """Make glibc keep freed heap memory, and serve tensors up to 32 MiB from the heap."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)):
+        sys.exit("--malloc steady: mallopt failed (not glibc?); use --malloc default")
+
+
+def page_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def step_fn(layer, x, dy, pad, takes_mask):
@@ -85,21 +109,22 @@ def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_
     for name, layer, takes_mask in layers(C, heads, backends, device):
         steps[name] = step_fn(layer.to(device, dtype).train(), x, dy, pad, takes_mask)
     times = {name: [] for name in steps}
+    faults = {name: 0 for name in steps}
     for step in steps.values():  # warm-up, and the compiled kernels' one-off compilation
         for _ in range(3):
             step()
     for _ in range(rounds):
         for name, step in steps.items():
             sync(device)
-            t0 = timer()
+            f0, t0 = page_faults(), timer()
             for _ in range(iters):
                 step()
             sync(device)
             times[name].append((timer() - t0) / iters * 1e3)
-    med = {name: statistics.median(v) for name, v in times.items()}
+            faults[name] += page_faults() - f0
     mem = {name: (peak_memory_mb(s, device) if device.type == "cuda" else cpu_peak_memory_mb(s))
            for name, s in steps.items()}
-    return med, mem
+    return times, {name: f / (rounds * iters) for name, f in faults.items()}, mem
 
 
 def main():
@@ -117,14 +142,19 @@ def main():
                    help="cpu: this process's CPU time (CPU device only), which other load on "
                    "a shared machine disturbs less; use it with --threads 1")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                   help="steady: glibc keeps freed memory mapped, so no layer's time includes "
+                   "page faults caused by the allocations before it (see the module docstring)")
     args = p.parse_args()
+    if args.malloc == "steady":
+        keep_freed_memory_mapped()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     timer = time.process_time if args.timer == "cpu" else time.perf_counter
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, dtype {args.dtype}, "
-          f"{args.timer} time, load average {os.getloadavg()[0]:.1f}")
+          f"{args.timer} time, malloc {args.malloc}, load average {os.getloadavg()[0]:.1f}")
     for dev in devices:
         device = torch.device(dev)
         name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
@@ -132,14 +162,18 @@ def main():
             sys.exit("--timer cpu measures the CPU only")
         for s in args.shapes:
             shape = tuple(int(v) for v in s.split("x"))
-            med, mem = bench(shape, device, getattr(torch, args.dtype), args.rounds, args.iters, args.heads,
-                             args.backends, timer)
-            ln = med["LayerNorm"]
+            times, faults, mem = bench(shape, device, getattr(torch, args.dtype), args.rounds,
+                                       args.iters, args.heads, args.backends, timer)
+            med = {layer: statistics.median(v) for layer, v in times.items()}
+            best = {layer: min(v) for layer, v in times.items()}
             print(f"\n{name}  (T, B, C) = {shape}, fwd+bwd, training mode, ~10% padding")
-            print(f"| layer | ms / iter | x LayerNorm | peak MB |")
-            print(f"|---|---:|---:|---:|")
-            for layer, t in med.items():
-                print(f"| {layer} | {t:.2f} | {t / ln:.2f} | {mem[layer]:.1f} |")
+            print("| layer | median ms | x LayerNorm | fastest ms | x LayerNorm "
+                  "| page faults / step | peak MB |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for layer in times:
+                print(f"| {layer} | {med[layer]:.2f} | {med[layer] / med['LayerNorm']:.2f} | "
+                      f"{best[layer]:.2f} | {best[layer] / best['LayerNorm']:.2f} | "
+                      f"{faults[layer]:.0f} | {mem[layer]:.1f} |")
 
 
 if __name__ == "__main__":

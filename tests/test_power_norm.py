@@ -245,6 +245,32 @@ def test_fused_backends_match_eager_with_low_precision_and_padding(backend):
         torch.testing.assert_close(e.float(), c.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("mode,groups,dtype,C_big", [
+    ("paper", None, torch.float32, 1027), ("vanilla", 13, torch.float32, 1027),
+    ("official", None, torch.bfloat16, 2054)])
+def test_native_matches_eager_on_outputs_written_with_streaming_stores(mode, groups, dtype, C_big):
+    # Outputs of 4 MiB and more take the kernels' non-temporal stores (kStreamBytes in
+    # power_norm_cpu.cpp); an odd row length makes rows start off the 16-byte boundary.
+    T_big, B_big = 33, 31
+    assert T_big * B_big * C_big * dtype.itemsize >= 4 << 20
+    gen = torch.Generator().manual_seed(3)
+    results = []
+    for backend in ("eager", "native"):
+        gen.manual_seed(3)
+        pn = PowerNorm(C_big, mode=mode, group_num=groups, backend=backend).to(dtype)
+        outs = []
+        for _ in range(2):
+            x = (torch.randn(T_big, B_big, C_big, generator=gen) + 0.5).to(dtype)
+            dy = torch.randn(T_big, B_big, C_big, generator=gen).to(dtype)
+            pad = torch.zeros(B_big, T_big, dtype=torch.bool)
+            pad[1:, -3:] = True
+            outs += run_module_step(pn, x, pad, dy)
+        results.append(outs + [pn.running_phi, pn.running_nu])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for e, n in zip(*results):
+        torch.testing.assert_close(n.float(), e.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("mode,groups", [("paper", None), ("vanilla", 3), ("official", 3)])
 def test_native_results_do_not_depend_on_the_thread_count(mode, groups):
     gen = torch.Generator().manual_seed(5)
@@ -272,6 +298,7 @@ def test_auto_backend_falls_back_with_a_warning_where_kernels_cannot_be_built(mo
     monkeypatch.setitem(kernels._built, "native", RuntimeError("CalledProcessError: no compiler"))
     monkeypatch.setitem(kernels._built, "compiled", RuntimeError("InductorError: no compiler"))
     monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setattr(kernels, "_chosen", {})
     with caplog.at_level("WARNING"):
         assert kernels.kernels_for("auto") is kernels.EAGER
         assert kernels.kernels_for("auto") is kernels.EAGER

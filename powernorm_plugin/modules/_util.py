@@ -65,10 +65,12 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
             f"{layer}: padding_mask must have shape (B, T) = ({B}, {T}) for an input of shape "
             f"(T, B, C) = ({T}, {B}, C), got {tuple(padding_mask.shape)}"
         )
-    weights = (~padding_mask.to(device)).t().reshape(rows).to(dtype)
-    count = int(weights.sum())
-    if count == rows:
+    if padding_mask.device != device:
+        padding_mask = padding_mask.to(device)
+    count = rows - int(padding_mask.sum())
+    if count == rows:  # nothing padded: the layers take their cheaper mask-free paths
         return TokenMask(None, rows, rows)
+    weights = torch.logical_not(padding_mask.t()).reshape(rows).to(dtype)
     return TokenMask(weights, count, rows)
 
 

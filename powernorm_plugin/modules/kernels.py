@@ -218,6 +218,7 @@ def resolve_backend(backend):
 
 
 _warned = set()
+_chosen = {}  # (backend, $POWERNORM_BACKEND, device type) -> kernels: layers ask on every call
 
 
 def kernels_for(backend, device=None):
@@ -226,13 +227,26 @@ def kernels_for(backend, device=None):
     A named backend that cannot run raises; ``auto`` takes ``native`` on CPU and
     ``compiled`` elsewhere, and falls back (compiled, then eager) with one warning.
     """
+    if device is None:
+        device_type = "cpu"
+    else:
+        device_type = (device if isinstance(device, torch.device) else torch.device(device)).type
+    key = (backend, os.environ.get("POWERNORM_BACKEND"), device_type)
+    kernels = _chosen.get(key)
+    if kernels is None:
+        kernels = _chosen[key] = _choose(backend, device_type)
+    return kernels
+
+
+def _choose(backend, device_type):
+    """kernels_for, uncached."""
     backend = resolve_backend(backend)
-    on_cpu = device is None or torch.device(device).type == "cpu"
+    on_cpu = device_type == "cpu"
     if backend == "eager":
         return EAGER
     if backend == "native" and not on_cpu:
-        raise ValueError(f"PowerNorm backend='native' runs on CPU only; the input is on {device} "
-                         "(use backend='compiled' or 'auto')")
+        raise ValueError("PowerNorm backend='native' runs on CPU only; the input is on "
+                         f"{device_type} (use backend='compiled' or 'auto')")
     if backend != "auto":
         kernels = _build(backend)
         if kernels is None:

@@ -26,6 +26,7 @@ Modes:
 * ``vanilla`` (PN-V): y = gamma * z / sqrt(psi_B^2 + eps) + beta with the exact gradient
   through psi_B; psi^2 is still tracked for inference, nu is unused.
 """
+import math
 from typing import NamedTuple
 
 import torch
@@ -85,20 +86,20 @@ class PowerNormFunction(torch.autograd.Function):
         step = int(num_steps) + 1
         warm = step <= cfg.warmup_updates
         use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
-        w = weight.to(cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
-        b = bias.to(cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
+        w = _as(weight, cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
+        b = _as(bias, cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
         y = None
         if use_batch:  # the scale needs this batch's psi_B: sums first, output second
             _, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps)
         else:  # psi_{t-1}: running_phi before this step's update
-            inv = torch.rsqrt(running_phi.to(cd) + cfg.eps)
+            inv = torch.rsqrt(_as(running_phi, cd) + cfg.eps)
             y, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b)
         count, rows, token_sq, all_sq = _synchronized(token_sq, all_sq, mask, group, cfg.mode)
 
         saved = []
         if count > 0:
             psi_b = token_sq / count
-            if not torch.isfinite(psi_b).all():
+            if not math.isfinite(psi_b.max()):  # max() propagates NaN
                 raise FloatingPointError(
                     f"{cfg.name}: the batch statistic psi_B^2 is not finite (the input holds NaN "
                     "or Inf, or z^2 overflowed); its running statistics were left unchanged"
@@ -111,7 +112,7 @@ class PowerNormFunction(torch.autograd.Function):
                 ctx.rows = rows
                 saved = [all_sq, torch.rsqrt(psi_b + cfg.eps)]
         if y is None:  # a batch of padding only has no psi_B: it takes psi_{t-1} (unchanged)
-            inv = torch.rsqrt((psi_b if count > 0 else running_phi.to(cd)) + cfg.eps)
+            inv = torch.rsqrt((psi_b if count > 0 else _as(running_phi, cd)) + cfg.eps)
             y = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b, sums=False)[0]
 
         ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
@@ -145,7 +146,7 @@ class PowerNormFunction(torch.autograd.Function):
             total = all_reduce_sum(all_dz, ctx.group, copy=True)
             dx = grad(a, w * inv.pow(3) * total / ctx.count, sums=False)[0]
         else:
-            nu = ctx.running_nu.to(inv.dtype)
+            nu = _as(ctx.running_nu, inv.dtype)
             if cfg.mode == "paper":
                 (psi_b,) = saved
                 inv_sq = inv * inv
@@ -159,9 +160,14 @@ class PowerNormFunction(torch.autograd.Function):
                 lambda_t = a * all_reduce_sum(all_dz, ctx.group, copy=True) / ctx.rows
             _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
 
-        grad_w = (all_dz * inv).to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
-        grad_b = dy_sum.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        grad_w = _as(all_dz * inv, ctx.weight_dtype) if ctx.weight_dtype is not None else None
+        grad_b = _as(dy_sum, ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return dx, grad_w, grad_b, None, None, None, None, None
+
+
+def _as(tensor, dtype):
+    """``tensor`` in ``dtype``; without the cost of a ``.to`` call where it already is."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _synchronized(token_sq, all_sq, mask, group, mode):
@@ -187,7 +193,7 @@ def _update_running_phi(running_phi, psi_b, step, warm, cfg):
     The official mode applies the EMA during warm-up as well, after the cumulative mean.
     Both are linear interpolations: the mean moves 1/step of the way to psi_B^2.
     """
-    psi_b = psi_b.to(running_phi.dtype)
+    psi_b = _as(psi_b, running_phi.dtype)
     if warm:
         running_phi.lerp_(psi_b, 1.0 / step)
     if not warm or cfg.mode == "official":
@@ -201,8 +207,8 @@ def _update_running_nu(running_nu, nu, gamma_t, lambda_t, alpha_bkw):
     fp16 loss scaling (fairseq then skips the step and lowers the scale): they must not
     poison nu, and checking needs no host sync.
     """
-    new = torch.addcmul(lambda_t, nu, gamma_t, value=-1.0).mul_(1.0 - alpha_bkw).add_(nu)
-    torch.where(torch.isfinite(new), new, nu, out=new)
+    new = torch.add(nu, torch.addcmul(lambda_t, nu, gamma_t, value=-1.0), alpha=1.0 - alpha_bkw)
+    torch.where(new.abs() < math.inf, new, nu, out=new)  # False for NaN and for +-Inf
     running_nu.copy_(new)
 
 

@@ -15,9 +15,9 @@
 // once, is what keeps the layer as cheap as LayerNorm's fused kernel: the per-feature sums are
 // accumulated from the row while it is in cache, instead of in separate passes.
 //
-// Column sums are accumulated per block of kBlockRows rows and the block partials added in
-// block order, so the result does not depend on the number of threads (bitwise-reproducible
-// runs and resumes) and fp32 sums lose little precision.
+// Column sums are accumulated per block of rows and the block partials added in block order.
+// The blocks depend on the row count alone, so the result does not depend on the number of
+// threads (bitwise-reproducible runs and resumes), and fp32 sums lose little precision.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -29,14 +29,39 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace powernorm_plugin {
 namespace {
 
 using at::Tensor;
 
-constexpr int64_t kBlockRows = 64;
+constexpr int64_t kMinBlockRows = 64;
+constexpr int64_t kMaxBlocks = 64;
+
+// The rows are cut into at most kMaxBlocks blocks of at least kMinBlockRows rows each.
+struct Blocks {
+  int64_t rows, count;
+  explicit Blocks(int64_t N)
+      : rows(std::max(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks)),
+        count((N + rows - 1) / rows) {}
+};
+
+// Room for the block partials, kept from call to call rather than a few hundred KB
+// malloc'ed and freed around every pass (heap churn: glibc trims and regrows its heap, and
+// the page faults that follow can cost more than the pass).
+template <typename acc_t>
+acc_t* partials_buffer(int64_t size) {
+  static thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
 
 // sum_i u_i v_i over a group's span of one row, at compute precision, in eight independent
 // lanes: the compiler vectorizes that, not a single running sum (one long dependency chain).
@@ -54,15 +79,65 @@ inline acc_t dot(const U* __restrict__ u, const V* __restrict__ v, int64_t len) 
   return total;
 }
 
+// Outputs of at least this size are written with non-temporal stores (see OutputRows).
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+// Where a pass writes its output (y or dx): each row is computed into a small buffer in L1
+// and then copied to its place. A large output is copied with non-temporal stores, where the
+// CPU has them: written through the caches, every line of it would first be read from memory
+// (read-for-ownership), a third more memory traffic, and it would evict the inputs the pass
+// and the next pass still read. An output that fits the caches is copied normally, so the
+// layer that consumes it next finds it there.
+template <typename scalar_t>
+class OutputRows {
+ public:
+  // out: the (N, C) output, or nullptr where the pass writes none.
+  OutputRows(scalar_t* out, int64_t N, int64_t C)
+      : out_(out),
+        C_(C),
+        stream_(out != nullptr && N * C * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes),
+        row_(out != nullptr ? C : 0) {}
+  scalar_t* row() { return row_.data(); }
+  void store(int64_t n) {
+    char* dst = reinterpret_cast<char*>(out_ + n * C_);
+    const char* src = reinterpret_cast<const char*>(row_.data());
+    int64_t bytes = C_ * static_cast<int64_t>(sizeof(scalar_t));
+#if defined(__SSE2__)
+    if (stream_) {
+      const int64_t head =
+          std::min<int64_t>(bytes, (16 - reinterpret_cast<std::uintptr_t>(dst) % 16) % 16);
+      std::memcpy(dst, src, head);
+      dst += head, src += head, bytes -= head;
+      for (; bytes >= 16; dst += 16, src += 16, bytes -= 16)
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    }
+#endif
+    std::memcpy(dst, src, bytes);
+  }
+  // Orders this thread's non-temporal stores before the output is handed on.
+  ~OutputRows() {
+#if defined(__SSE2__)
+    if (stream_) _mm_sfence();
+#endif
+  }
+
+ private:
+  scalar_t* out_;
+  int64_t C_;
+  bool stream_;
+  std::vector<scalar_t> row_;
+};
+
 // Adds the block partials (nblocks x parts x C, block-major) in block order into `out`.
 template <typename acc_t>
-void reduce_blocks(const std::vector<acc_t>& partial, int64_t nblocks, int64_t parts, int64_t C,
+void reduce_blocks(const acc_t* partial, int64_t nblocks, int64_t parts, int64_t C,
                    std::vector<Tensor>& out) {
   for (int64_t p = 0; p < parts; ++p) {
     acc_t* dst = out[p].data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) dst[c] = 0;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const acc_t* src = partial.data() + (blk * parts + p) * C;
+      const acc_t* src = partial + (blk * parts + p) * C;
       for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
     }
   }
@@ -76,8 +151,9 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
                   std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
-  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
-  const acc_t eps = static_cast<acc_t>(eps_d);
+  const Blocks blocks(N);
+  const int64_t nblocks = blocks.count;
+  const acc_t eps = static_cast<acc_t>(eps_d), inv_cg = acc_t(1) / static_cast<acc_t>(cg);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* mp = kMask ? m.data_ptr<acc_t>() : nullptr;
   const acc_t* __restrict__ sc = kOut ? scale.data_ptr<acc_t>() : nullptr;
@@ -86,25 +162,31 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
   acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
   // parts: token sum of z^2, and (with a mask) the all-row sum of z^2
   const int64_t parts = kMask ? 2 : 1;
-  std::vector<acc_t> partial(kSums ? nblocks * parts * C : 0);
+  acc_t* partial = kSums ? partials_buffer<acc_t>(nblocks * parts * C) : nullptr;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    OutputRows<scalar_t> out(yp, N, C);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* block = kSums ? partial.data() + blk * parts * C : nullptr;
+      const int64_t first = blk * blocks.rows, end = std::min(N, first + blocks.rows);
+      acc_t* block = kSums ? partial + blk * parts * C : nullptr;
       if (kSums) std::fill(block, block + parts * C, acc_t(0));
-      for (int64_t n = blk * kBlockRows; n < std::min(N, (blk + 1) * kBlockRows); ++n) {
+      for (int64_t n = first; n < end; ++n) {
         const acc_t mn = kMask ? mp[n] : acc_t(1);
+        acc_t* rn = groups ? rp + n * G : nullptr;
+        if (groups) {  // all the row's factors first, so that their square roots overlap
+          for (int64_t g = 0; g < G; ++g) {
+            const scalar_t* xg = xp + n * C + g * cg;
+            rn[g] = dot<acc_t>(xg, xg, cg);
+          }
+          for (int64_t g = 0; g < G; ++g) rn[g] = acc_t(1) / std::sqrt(rn[g] * inv_cg + eps);
+        }
         for (int64_t g = 0; g < G; ++g) {
           const int64_t lo = g * cg;
           const scalar_t* __restrict__ xg = xp + n * C + lo;
-          acc_t rg = 1;
-          if (groups) {
-            rg = acc_t(1) / std::sqrt(dot<acc_t>(xg, xg, cg) / acc_t(cg) + eps);
-            rp[n * G + g] = rg;
-          }
+          const acc_t rg = groups ? rn[g] : acc_t(1);
           acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
           acc_t* __restrict__ all = kSums && kMask ? block + C + lo : nullptr;
-          scalar_t* __restrict__ yg = kOut ? yp + n * C + lo : nullptr;
+          scalar_t* __restrict__ yg = kOut ? out.row() + lo : nullptr;
 #pragma omp simd
           for (int64_t c = 0; c < cg; ++c) {
             const acc_t z = static_cast<acc_t>(xg[c]) * rg;
@@ -119,6 +201,7 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
             if (kOut) yg[c] = static_cast<scalar_t>(z * sc[lo + c] + sh[lo + c]);
           }
         }
+        if (kOut) out.store(n);
       }
     }
   });
@@ -131,7 +214,8 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
                    std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
-  const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
+  const Blocks blocks(N);
+  const int64_t nblocks = blocks.count;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
@@ -141,14 +225,16 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
   scalar_t* dxp = kGrad ? dx.data_ptr<scalar_t>() : nullptr;
   // parts: token sum of dy z, all-row sum of dy z, all-row sum of dy
   constexpr int64_t parts = 3;
-  std::vector<acc_t> partial(kSums ? nblocks * parts * C : 0);
+  acc_t* partial = kSums ? partials_buffer<acc_t>(nblocks * parts * C) : nullptr;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> dz_buffer(groups ? cg : 0);  // a group's dz, kept for its second sweep
+    OutputRows<scalar_t> out(dxp, N, C);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* block = kSums ? partial.data() + blk * parts * C : nullptr;
+      const int64_t first = blk * blocks.rows, end = std::min(N, first + blocks.rows);
+      acc_t* block = kSums ? partial + blk * parts * C : nullptr;
       if (kSums) std::fill(block, block + parts * C, acc_t(0));
-      for (int64_t n = blk * kBlockRows; n < std::min(N, (blk + 1) * kBlockRows); ++n) {
+      for (int64_t n = first; n < end; ++n) {
         const acc_t mn = kMask ? mp[n] : acc_t(1);
         const acc_t w = b_all_rows ? acc_t(1) : mn;
         for (int64_t g = 0; g < G; ++g) {
@@ -159,37 +245,35 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
           acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
           acc_t* __restrict__ all = kSums ? block + C + lo : nullptr;
           acc_t* __restrict__ dsum = kSums ? block + 2 * C + lo : nullptr;
-          scalar_t* __restrict__ dxg = kGrad ? dxp + n * C + lo : nullptr;
-          if (kSums) {
+          scalar_t* __restrict__ dxg = kGrad ? out.row() + lo : nullptr;
+          // One sweep for the sums and dz = a * dy - w * b * z; with groups, dz is kept for
+          // dx = r (dz - z q), q = mean(dz * z) = r mean(dz * x), and a second sweep.
+          acc_t* __restrict__ dzg = groups ? dz_buffer.data() : nullptr;
+          const acc_t* __restrict__ ag = kGrad ? ap + lo : nullptr;
+          const acc_t* __restrict__ bg = kGrad ? bp + lo : nullptr;
 #pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) {
-              const acc_t z = static_cast<acc_t>(xg[c]) * rg;
-              const acc_t d = static_cast<acc_t>(dyg[c]);
+          for (int64_t c = 0; c < cg; ++c) {
+            const acc_t z = static_cast<acc_t>(xg[c]) * rg;
+            const acc_t d = static_cast<acc_t>(dyg[c]);
+            if (kSums) {
               all[c] += d * z;
               tok[c] += mn * d * z;
               dsum[c] += d;
             }
+            if (kGrad) {
+              const acc_t dz = ag[c] * d - w * bg[c] * z;
+              if (groups) dzg[c] = dz;
+              else dxg[c] = static_cast<scalar_t>(dz);
+            }
           }
-          if (kGrad && !groups) {
-#pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) {
-              const acc_t z = static_cast<acc_t>(xg[c]);
-              dxg[c] = static_cast<scalar_t>(ap[c] * static_cast<acc_t>(dyg[c]) - w * bp[c] * z);
-            }
-          } else if (kGrad) {
-            // dz for the group, then dx = r (dz - z q) with q = mean(dz * z) = r mean(dz * x)
-            acc_t* __restrict__ dzg = dz_buffer.data();
-#pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) {
-              const acc_t z = static_cast<acc_t>(xg[c]) * rg;
-              dzg[c] = ap[lo + c] * static_cast<acc_t>(dyg[c]) - w * bp[lo + c] * z;
-            }
+          if (kGrad && groups) {
             const acc_t q = rg * dot<acc_t>(dzg, xg, cg) / acc_t(cg);
 #pragma omp simd
             for (int64_t c = 0; c < cg; ++c)
               dxg[c] = static_cast<scalar_t>(rg * (dzg[c] - static_cast<acc_t>(xg[c]) * rg * q));
           }
         }
+        if (kGrad) out.store(n);
       }
     }
   });
