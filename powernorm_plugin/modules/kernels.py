@@ -5,14 +5,16 @@ with the optional per-token group RMS scaling folded in:
 
     r_{n,g} = 1 / sqrt(mean_{c in g} x_{n,c}^2 + eps),   z = x * r     (no groups: z = x)
 
-    forward(x, mask, groups, eps, scale, shift, sums)
+    forward(x, mask, groups, eps, scale, shift, sums, all_rows)
         -> (y = scale * z + shift,  sum_n m_n z_n^2,  sum_n z_n^2,  r)
-    backward(dy, x, r, mask, groups, a, b, b_all_rows, sums)
+    backward(dy, x, r, mask, groups, a, b, b_all_rows, sums, token_rows)
         -> (dx,  sum_n m_n dy_n z_n,  sum_n dy_n z_n,  sum_n dy_n)
         where dz_n = a * dy_n - w_n * b * z_n   (w_n = m_n; 1 for every row with b_all_rows)
               dx_n = r_n (dz_n - z_n mean_g(dz_n z_n))   (no groups: dx = dz)
 
-``y``/``dx`` are skipped (None) when ``scale``/``a`` is None, the sums when ``sums`` is false.
+``y``/``dx`` are skipped (None) when ``scale``/``a`` is None, the sums when ``sums`` is false;
+a caller that needs no all-row sum of z^2 (``all_rows=False``), or no token sum of dy z
+(``token_rows=False``), lets a backend skip it (it may return None there).
 m_n is ``mask.weights`` (1 for tokens, 0 for padding); statistics are fp32 (fp64 for fp64
 input) whatever the activation dtype. Callers that know ``scale``/``a`` before the sums get
 everything from one pass; where the scale depends on the sums (warm-up, PN-V) they call twice.
@@ -103,7 +105,7 @@ class EagerKernels:
 
     name = "eager"
 
-    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True):
+    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         z, r = self.group_scale(x, groups, eps) if groups else (x.to(compute_dtype(x)), None)
         token_sq = all_sq = None
         if sums:
@@ -111,7 +113,8 @@ class EagerKernels:
         y = self.scale_shift(z, scale, shift, x.dtype) if scale is not None else None
         return y, token_sq, all_sq, r
 
-    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True):
+    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True,
+                 token_rows=True):
         z = self.scaled_input(x, r) if groups else x.to(compute_dtype(x))
         token_dz = all_dz = dy_sum = None
         if sums:

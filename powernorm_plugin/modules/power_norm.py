@@ -89,11 +89,13 @@ class PowerNormFunction(torch.autograd.Function):
         w = _as(weight, cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
         b = _as(bias, cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
         y = None
+        all_rows = cfg.mode == "official"  # Gamma over every row: the all-row sum of z^2
         if use_batch:  # the scale needs this batch's psi_B: sums first, output second
-            _, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps)
+            _, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, all_rows=all_rows)
         else:  # psi_{t-1}: running_phi before this step's update
             inv = torch.rsqrt(_as(running_phi, cd) + cfg.eps)
-            y, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b)
+            y, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b,
+                                               all_rows=all_rows)
         count, rows, token_sq, all_sq = _synchronized(token_sq, all_sq, mask, group, cfg.mode)
 
         saved = []
@@ -133,8 +135,10 @@ class PowerNormFunction(torch.autograd.Function):
         # Every mode: dx = the input gradient of dz = a * dy - b * z, the b term on token rows
         # only (official: all rows), with the sums over token rows and over all rows of
         # dy * z (gamma's gradient takes all) and of dy (beta's gradient).
+        token_rows = cfg.mode == "paper"  # Lambda over tokens: the token sum of dy z
+
         def grad(a, b_coef, b_all_rows=False, sums=True):
-            return k.backward(dy, x, r, mask, cfg.groups, a, b_coef, b_all_rows, sums)
+            return k.backward(dy, x, r, mask, cfg.groups, a, b_coef, b_all_rows, sums, token_rows)
 
         a = w * inv
         if ctx.count == 0:
@@ -142,7 +146,7 @@ class PowerNormFunction(torch.autograd.Function):
         elif cfg.mode == "vanilla":
             # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n, so the
             # sums come first and the input gradient second
-            _, token_dz, all_dz, dy_sum = k.backward(dy, x, r, mask, cfg.groups)
+            _, token_dz, all_dz, dy_sum = k.backward(dy, x, r, mask, cfg.groups, token_rows=False)
             total = all_reduce_sum(all_dz, ctx.group, copy=True)
             dx = grad(a, w * inv.pow(3) * total / ctx.count, sums=False)[0]
         else:

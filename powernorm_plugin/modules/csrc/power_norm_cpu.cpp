@@ -147,7 +147,7 @@ void reduce_blocks(const acc_t* partial, int64_t nblocks, int64_t parts, int64_t
 // r = 1), in one sweep over the group's span while it is in cache.
 template <typename scalar_t, bool kMask, bool kSums, bool kOut>
 void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d,
-                  const Tensor& scale, const Tensor& shift, Tensor& y, Tensor& r,
+                  const Tensor& scale, const Tensor& shift, bool all_rows, Tensor& y, Tensor& r,
                   std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
@@ -160,8 +160,8 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
   const acc_t* __restrict__ sh = kOut ? shift.data_ptr<acc_t>() : nullptr;
   scalar_t* yp = kOut ? y.data_ptr<scalar_t>() : nullptr;
   acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
-  // parts: token sum of z^2, and (with a mask) the all-row sum of z^2
-  const int64_t parts = kMask ? 2 : 1;
+  // parts: token sum of z^2, and (with a mask, where asked for) the all-row sum of z^2
+  const int64_t parts = all_rows ? 2 : 1;
   acc_t* partial = kSums ? partials_buffer<acc_t>(nblocks * parts * C) : nullptr;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -185,18 +185,14 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
           const scalar_t* __restrict__ xg = xp + n * C + lo;
           const acc_t rg = groups ? rn[g] : acc_t(1);
           acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
-          acc_t* __restrict__ all = kSums && kMask ? block + C + lo : nullptr;
+          acc_t* __restrict__ all = kSums && all_rows ? block + C + lo : nullptr;
           scalar_t* __restrict__ yg = kOut ? out.row() + lo : nullptr;
 #pragma omp simd
           for (int64_t c = 0; c < cg; ++c) {
             const acc_t z = static_cast<acc_t>(xg[c]) * rg;
             if (kSums) {
-              if (kMask) {
-                all[c] += z * z;
-                tok[c] += mn * z * z;
-              } else {
-                tok[c] += z * z;
-              }
+              tok[c] += kMask ? mn * z * z : z * z;
+              if (all_rows) all[c] += z * z;
             }
             if (kOut) yg[c] = static_cast<scalar_t>(z * sc[lo + c] + sh[lo + c]);
           }
@@ -210,8 +206,8 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
 
 template <typename scalar_t, bool kMask, bool kSums, bool kGrad>
 void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Tensor& m,
-                   int64_t groups, const Tensor& a, const Tensor& b, bool b_all_rows, Tensor& dx,
-                   std::vector<Tensor>& sums) {
+                   int64_t groups, const Tensor& a, const Tensor& b, bool b_all_rows,
+                   bool token_rows, Tensor& dx, std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
   const Blocks blocks(N);
@@ -223,7 +219,7 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
   const acc_t* __restrict__ ap = kGrad ? a.data_ptr<acc_t>() : nullptr;
   const acc_t* __restrict__ bp = kGrad ? b.data_ptr<acc_t>() : nullptr;
   scalar_t* dxp = kGrad ? dx.data_ptr<scalar_t>() : nullptr;
-  // parts: token sum of dy z, all-row sum of dy z, all-row sum of dy
+  // parts: token sum of dy z (computed where asked for), all-row sum of dy z, all-row sum of dy
   constexpr int64_t parts = 3;
   acc_t* partial = kSums ? partials_buffer<acc_t>(nblocks * parts * C) : nullptr;
 
@@ -257,7 +253,7 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
             const acc_t d = static_cast<acc_t>(dyg[c]);
             if (kSums) {
               all[c] += d * z;
-              tok[c] += mn * d * z;
+              if (token_rows) tok[c] += mn * d * z;
               dsum[c] += d;
             }
             if (kGrad) {
@@ -322,11 +318,12 @@ at::ScalarType check_common(const Tensor& x, int64_t groups, const c10::optional
 }  // namespace
 
 // Returns (y, token sum of z^2, all-row sum of z^2, r). y is computed where scale and shift
-// are given (else empty), the sums where `sums` is true (else empty; without a mask the
-// all-row sum is left empty: it equals the token sum), r (rows x groups) where groups > 0.
+// are given (else empty), the token sum where `sums` is true and the all-row sum where
+// `all_rows` is true as well (else empty; without a mask the all-row sum is left empty: it
+// equals the token sum), r (rows x groups) where groups > 0.
 std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, int64_t groups,
                             double eps, const c10::optional<Tensor>& scale,
-                            const c10::optional<Tensor>& shift, bool sums) {
+                            const c10::optional<Tensor>& shift, bool sums, bool all_rows) {
   const auto acc = check_common(x, groups, mask);
   const int64_t N = x.size(0), C = x.size(1);
   check_vector(scale, C, acc, "scale");
@@ -337,26 +334,26 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, 
   auto opts = x.options().dtype(acc);
   Tensor y = out ? at::empty_like(x) : at::empty({0}, x.options());
   Tensor r = groups ? at::empty({N, groups}, opts) : at::empty({0}, opts);
+  all_rows = sums && has_mask && all_rows;
   std::vector<Tensor> totals;
-  if (sums) {
-    totals.push_back(at::empty({C}, opts));
-    if (has_mask) totals.push_back(at::empty({C}, opts));
-  }
+  if (sums) totals.push_back(at::empty({C}, opts));
+  if (all_rows) totals.push_back(at::empty({C}, opts));
   const Tensor none;
   POWERNORM_DISPATCH(x.scalar_type(), has_mask, sums, out, forward_impl, x,
                      has_mask ? *mask : none, groups, eps, out ? *scale : none,
-                     out ? *shift : none, y, r, totals);
+                     out ? *shift : none, all_rows, y, r, totals);
   Tensor token = sums ? totals[0] : at::empty({0}, opts);
-  Tensor all = sums && has_mask ? totals[1] : at::empty({0}, opts);
+  Tensor all = all_rows ? totals[1] : at::empty({0}, opts);
   return {y, token, all, r};
 }
 
 // Returns (dx, token sum of dy z, all-row sum of dy z, all-row sum of dy). dx is computed where
-// a and b are given (else empty), the sums where `sums` is true (else empty).
+// a and b are given (else empty), the sums where `sums` is true (else empty), the token sum
+// only where `token_rows` is true as well (else empty; without a mask it is the all-row sum).
 std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& r,
                              const c10::optional<Tensor>& mask, int64_t groups,
                              const c10::optional<Tensor>& a, const c10::optional<Tensor>& b,
-                             bool b_all_rows, bool sums) {
+                             bool b_all_rows, bool sums, bool token_rows) {
   const auto acc = check_common(x, groups, mask);
   check_2d(dy, "dy");
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
@@ -379,12 +376,11 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optio
   const Tensor none;
   POWERNORM_DISPATCH(x.scalar_type(), has_mask, sums, grad, backward_impl, dy, x,
                      groups ? *r : none, has_mask ? *mask : none, groups, grad ? *a : none,
-                     grad ? *b : none, b_all_rows, dx, totals);
-  if (!sums) {
-    Tensor empty = at::empty({0}, opts);
-    return {dx, empty, empty, empty};
-  }
-  return {dx, totals[0], totals[1], totals[2]};
+                     grad ? *b : none, b_all_rows, token_rows && has_mask, dx, totals);
+  const Tensor empty = at::empty({0}, opts);
+  if (!sums) return {dx, empty, empty, empty};
+  const Tensor token = !token_rows ? empty : has_mask ? totals[0] : totals[1];
+  return {dx, token, totals[1], totals[2]};
 }
 
 }  // namespace powernorm_plugin
@@ -392,9 +388,9 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optio
 // Registered as the operators torch.ops.powernorm_plugin.forward / .backward.
 TORCH_LIBRARY(powernorm_plugin, m) {
   m.def("forward(Tensor x, Tensor? mask, int groups, float eps, Tensor? scale, Tensor? shift, "
-        "bool sums) -> Tensor[]",
+        "bool sums, bool all_rows) -> Tensor[]",
         &powernorm_plugin::forward);
   m.def("backward(Tensor dy, Tensor x, Tensor? r, Tensor? mask, int groups, Tensor? a, "
-        "Tensor? b, bool b_all_rows, bool sums) -> Tensor[]",
+        "Tensor? b, bool b_all_rows, bool sums, bool token_rows) -> Tensor[]",
         &powernorm_plugin::backward);
 }
