@@ -19,6 +19,7 @@ beside each time; ``--malloc default`` leaves glibc as it is. Run:
 import argparse
 import ctypes
 import ctypes.util
+import logging
 import os
 import resource
 import statistics
@@ -146,6 +147,7 @@ def main():
                    help="steady: glibc keeps freed memory mapped, so no layer's time includes "
                    "page faults caused by the allocations before it (see the module docstring)")
     args = p.parse_args()
+    logging.getLogger("filelock").setLevel(logging.WARNING)  # torch.compile's lock chatter
     if args.malloc == "steady":
         keep_freed_memory_mapped()
     if args.threads:
