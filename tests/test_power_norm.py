@@ -29,6 +29,15 @@ def run_module_step(pn, x, pad, dy):
     return y.detach(), x.grad, pn.weight.grad.clone(), pn.bias.grad.clone()
 
 
+def run_module_steps(pn, batches):
+    """Outputs and gradients of consecutive training steps on (x, pad, dy) batches, then the
+    running statistics they leave."""
+    outs = []
+    for x, pad, dy in batches:
+        outs += run_module_step(pn, x, pad, dy)
+    return outs + [pn.running_phi, pn.running_nu]
+
+
 @pytest.mark.parametrize("groups", GROUPS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,dtype,tol", [
@@ -233,13 +242,11 @@ def test_backend_choice():
 def test_fused_backends_match_eager_with_low_precision_and_padding(backend):
     gen = torch.Generator().manual_seed(11)
     x, pad, dy = random_batch(gen, torch.float32)
+    batches = [(x.to(torch.bfloat16), pad, dy.to(torch.bfloat16))] * 2
     results = []
     for backend in ("eager", backend):
         pn = PowerNorm(C, group_num=3, backend=backend).to(torch.bfloat16)
-        outs = []
-        for _ in range(2):
-            outs += run_module_step(pn, x.to(torch.bfloat16), pad, dy.to(torch.bfloat16))
-        results.append(outs + [pn.running_phi, pn.running_nu])
+        results.append(run_module_steps(pn, batches))
     for e, c in zip(*results):
         assert e.dtype == c.dtype
         torch.testing.assert_close(e.float(), c.float(), rtol=2e-2, atol=2e-2)
@@ -249,15 +256,11 @@ def test_fused_backends_match_eager_with_low_precision_and_padding(backend):
 def test_native_matches_eager_without_padding(mode):
     # no padding: the token sums are the all-row sums, which the native kernels compute once
     gen = torch.Generator().manual_seed(7)
+    batches = [(x, None, dy) for x, _, dy in (random_batch(gen) for _ in range(3))]
     results = []
     for backend in ("eager", "native"):
-        gen.manual_seed(7)
         pn = PowerNorm(C, mode=mode, warmup_updates=1, backend=backend).double()
-        outs = []
-        for _ in range(3):
-            x, _, dy = random_batch(gen)
-            outs += run_module_step(pn, x, None, dy)
-        results.append(outs + [pn.running_phi, pn.running_nu])
+        results.append(run_module_steps(pn, batches))
     for e, n in zip(*results):
         torch.testing.assert_close(n, e, rtol=1e-10, atol=1e-10)
 
@@ -271,18 +274,14 @@ def test_native_matches_eager_on_outputs_written_with_streaming_stores(mode, gro
     T_big, B_big = 33, 31
     assert T_big * B_big * C_big * dtype.itemsize >= 4 << 20
     gen = torch.Generator().manual_seed(3)
+    pad = torch.zeros(B_big, T_big, dtype=torch.bool)
+    pad[1:, -3:] = True
+    batches = [((torch.randn(T_big, B_big, C_big, generator=gen) + 0.5).to(dtype), pad,
+                torch.randn(T_big, B_big, C_big, generator=gen).to(dtype)) for _ in range(2)]
     results = []
     for backend in ("eager", "native"):
-        gen.manual_seed(3)
         pn = PowerNorm(C_big, mode=mode, group_num=groups, backend=backend).to(dtype)
-        outs = []
-        for _ in range(2):
-            x = (torch.randn(T_big, B_big, C_big, generator=gen) + 0.5).to(dtype)
-            dy = torch.randn(T_big, B_big, C_big, generator=gen).to(dtype)
-            pad = torch.zeros(B_big, T_big, dtype=torch.bool)
-            pad[1:, -3:] = True
-            outs += run_module_step(pn, x, pad, dy)
-        results.append(outs + [pn.running_phi, pn.running_nu])
+        results.append(run_module_steps(pn, batches))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for e, n in zip(*results):
         torch.testing.assert_close(n.float(), e.float(), rtol=tol, atol=tol)
@@ -298,10 +297,7 @@ def test_native_results_do_not_depend_on_the_thread_count(mode, groups):
         for n in (1, 2):
             torch.set_num_threads(n)
             pn = PowerNorm(C, mode=mode, group_num=groups, backend="native")
-            outs = []
-            for _ in range(2):
-                outs += run_module_step(pn, *batch)
-            runs.append(outs + [pn.running_phi, pn.running_nu])
+            runs.append(run_module_steps(pn, [batch] * 2))
     finally:
         torch.set_num_threads(threads)
     for one, two in zip(*runs):

@@ -45,23 +45,58 @@ using at::Tensor;
 constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMaxBlocks = 64;
 
-// The rows are cut into at most kMaxBlocks blocks of at least kMinBlockRows rows each.
-struct Blocks {
-  int64_t rows, count;
-  explicit Blocks(int64_t N)
-      : rows(std::max(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks)),
-        count((N + rows - 1) / rows) {}
-};
-
-// Room for the block partials, kept from call to call rather than a few hundred KB
-// malloc'ed and freed around every pass (heap churn: glibc trims and regrows its heap, and
-// the page faults that follow can cost more than the pass).
+// A pass's rows, cut into at most kMaxBlocks blocks of at least kMinBlockRows rows (fixed by
+// the row count alone), and the column sums accumulated per block: `parts` sums of C columns
+// each (none with parts == 0). reduce() adds the blocks in block order, so the sums do not
+// depend on how the blocks were shared among threads.
 template <typename acc_t>
-acc_t* partials_buffer(int64_t size) {
-  static thread_local std::vector<acc_t> buffer;
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-  return buffer.data();
-}
+class BlockSums {
+ public:
+  BlockSums(int64_t N, int64_t C, int64_t parts)
+      : N_(N),
+        C_(C),
+        parts_(parts),
+        rows_(std::max(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks)),
+        count_((N + rows_ - 1) / rows_),
+        partial_(parts ? buffer(count_ * parts * C) : nullptr) {}
+
+  int64_t count() const { return count_; }
+  int64_t first(int64_t blk) const { return blk * rows_; }
+  int64_t end(int64_t blk) const { return std::min(N_, (blk + 1) * rows_); }
+
+  // Block blk's partials (parts x C), zeroed; nullptr without sums.
+  acc_t* start(int64_t blk) const {
+    if (!parts_) return nullptr;
+    acc_t* block = partial_ + blk * parts_ * C_;
+    std::fill(block, block + parts_ * C_, acc_t(0));
+    return block;
+  }
+
+  // out[p] = the sum over blocks, in block order, of part p.
+  void reduce(std::vector<Tensor>& out) const {
+    for (int64_t p = 0; p < parts_; ++p) {
+      acc_t* dst = out[p].data_ptr<acc_t>();
+      std::fill(dst, dst + C_, acc_t(0));
+      for (int64_t blk = 0; blk < count_; ++blk) {
+        const acc_t* src = partial_ + (blk * parts_ + p) * C_;
+        for (int64_t c = 0; c < C_; ++c) dst[c] += src[c];
+      }
+    }
+  }
+
+ private:
+  // Kept from call to call rather than a few hundred KB malloc'ed and freed around every
+  // pass (heap churn: glibc trims and regrows its heap, and the page faults that follow can
+  // cost more than the pass).
+  static acc_t* buffer(int64_t size) {
+    static thread_local std::vector<acc_t> partials;
+    if (static_cast<int64_t>(partials.size()) < size) partials.resize(size);
+    return partials.data();
+  }
+
+  int64_t N_, C_, parts_, rows_, count_;
+  acc_t* partial_;
+};
 
 // sum_i u_i v_i over a group's span of one row, at compute precision, in eight independent
 // lanes: the compiler vectorizes that, not a single running sum (one long dependency chain).
@@ -129,20 +164,6 @@ class OutputRows {
   std::vector<scalar_t> row_;
 };
 
-// Adds the block partials (nblocks x parts x C, block-major) in block order into `out`.
-template <typename acc_t>
-void reduce_blocks(const acc_t* partial, int64_t nblocks, int64_t parts, int64_t C,
-                   std::vector<Tensor>& out) {
-  for (int64_t p = 0; p < parts; ++p) {
-    acc_t* dst = out[p].data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) dst[c] = 0;
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const acc_t* src = partial + (blk * parts + p) * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
-    }
-  }
-}
-
 // Every row is handled one channel group at a time (no groups: one group of C channels with
 // r = 1), in one sweep over the group's span while it is in cache.
 template <typename scalar_t, bool kMask, bool kSums, bool kOut>
@@ -151,8 +172,6 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
                   std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
-  const Blocks blocks(N);
-  const int64_t nblocks = blocks.count;
   const acc_t eps = static_cast<acc_t>(eps_d), inv_cg = acc_t(1) / static_cast<acc_t>(cg);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* mp = kMask ? m.data_ptr<acc_t>() : nullptr;
@@ -161,16 +180,13 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
   scalar_t* yp = kOut ? y.data_ptr<scalar_t>() : nullptr;
   acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
   // parts: token sum of z^2, and (with a mask, where asked for) the all-row sum of z^2
-  const int64_t parts = all_rows ? 2 : 1;
-  acc_t* partial = kSums ? partials_buffer<acc_t>(nblocks * parts * C) : nullptr;
+  const BlockSums<acc_t> blocks(N, C, kSums ? (all_rows ? 2 : 1) : 0);
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.count(), 1, [&](int64_t b0, int64_t b1) {
     OutputRows<scalar_t> out(yp, N, C);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t first = blk * blocks.rows, end = std::min(N, first + blocks.rows);
-      acc_t* block = kSums ? partial + blk * parts * C : nullptr;
-      if (kSums) std::fill(block, block + parts * C, acc_t(0));
-      for (int64_t n = first; n < end; ++n) {
+      acc_t* block = blocks.start(blk);
+      for (int64_t n = blocks.first(blk), end = blocks.end(blk); n < end; ++n) {
         const acc_t mn = kMask ? mp[n] : acc_t(1);
         acc_t* rn = groups ? rp + n * G : nullptr;
         if (groups) {  // all the row's factors first, so that their square roots overlap
@@ -201,7 +217,7 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
       }
     }
   });
-  if (kSums) reduce_blocks(partial, nblocks, parts, C, sums);
+  blocks.reduce(sums);
 }
 
 template <typename scalar_t, bool kMask, bool kSums, bool kGrad>
@@ -210,8 +226,6 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
                    bool token_rows, Tensor& dx, std::vector<Tensor>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups, cg = C / G;
-  const Blocks blocks(N);
-  const int64_t nblocks = blocks.count;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
@@ -220,17 +234,14 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
   const acc_t* __restrict__ bp = kGrad ? b.data_ptr<acc_t>() : nullptr;
   scalar_t* dxp = kGrad ? dx.data_ptr<scalar_t>() : nullptr;
   // parts: token sum of dy z (computed where asked for), all-row sum of dy z, all-row sum of dy
-  constexpr int64_t parts = 3;
-  acc_t* partial = kSums ? partials_buffer<acc_t>(nblocks * parts * C) : nullptr;
+  const BlockSums<acc_t> blocks(N, C, kSums ? 3 : 0);
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.count(), 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> dz_buffer(groups ? cg : 0);  // a group's dz, kept for its second sweep
     OutputRows<scalar_t> out(dxp, N, C);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t first = blk * blocks.rows, end = std::min(N, first + blocks.rows);
-      acc_t* block = kSums ? partial + blk * parts * C : nullptr;
-      if (kSums) std::fill(block, block + parts * C, acc_t(0));
-      for (int64_t n = first; n < end; ++n) {
+      acc_t* block = blocks.start(blk);
+      for (int64_t n = blocks.first(blk), end = blocks.end(blk); n < end; ++n) {
         const acc_t mn = kMask ? mp[n] : acc_t(1);
         const acc_t w = b_all_rows ? acc_t(1) : mn;
         for (int64_t g = 0; g < G; ++g) {
@@ -273,7 +284,7 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
       }
     }
   });
-  if (kSums) reduce_blocks(partial, nblocks, parts, C, sums);
+  blocks.reduce(sums);
 }
 
 void check_2d(const Tensor& t, const char* name) {
