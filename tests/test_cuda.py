@@ -1,0 +1,153 @@
+"""PowerNorm and MaskedBatchNorm on a CUDA device: the same equations and contracts as on CPU.
+
+Skipped where no CUDA device is present (CI); run on a GPU machine with
+``python -m pytest tests/test_cuda.py``.
+"""
+import copy
+
+import pytest
+import torch
+
+from powernorm_plugin.modules import MaskedBatchNorm, PowerNorm, group_rms_scale
+from reference_powernorm import powernorm_step
+from test_power_norm import C, MODES, random_batch, run_module_step, run_module_steps
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def on_gpu(batch, dtype):
+    x, pad, dy = batch
+    return x.to(CUDA, dtype), pad.to(CUDA), dy.to(CUDA, dtype)
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["compiled", "eager"])
+def test_matches_equations_over_consecutive_steps_on_gpu(mode, groups, backend):
+    gen = torch.Generator().manual_seed(1)
+    pn = PowerNorm(C, mode=mode, group_num=groups, warmup_updates=2, alpha_fwd=0.8,
+                   alpha_bkw=0.7, backend=backend).to(CUDA)
+    with torch.no_grad():
+        pn.weight.copy_(1 + 0.1 * torch.randn(C, generator=gen))
+        pn.bias.copy_(0.1 * torch.randn(C, generator=gen))
+    state = {"phi": torch.ones(C, dtype=torch.float64), "nu": torch.zeros(C, dtype=torch.float64), "step": 0}
+    gamma, beta = pn.weight.detach().cpu().double(), pn.bias.detach().cpu().double()
+    for _ in range(6):  # two warm-up steps, then four with running statistics
+        x, pad, dy = random_batch(gen)
+        got = run_module_step(pn, *on_gpu((x, pad, dy), torch.float32))
+        *want, state = powernorm_step(x, pad, dy, gamma, beta, state, mode, 2, 0.8, 0.7, 1e-5, groups)
+        got += (pn.running_phi, pn.running_nu)
+        want += (state["phi"], state["nu"])
+        for g, w in zip(got, want):
+            assert g.device.type == "cuda"
+            torch.testing.assert_close(g.cpu().double(), w, rtol=2e-4, atol=2e-4)
+        assert int(pn.num_steps) == state["step"]
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_on_gpu_keeps_fp32_statistics_and_matches_eager(half):
+    gen = torch.Generator().manual_seed(11)
+    batches = [on_gpu(random_batch(gen, torch.float32), half) for _ in range(3)]
+    results = []
+    for backend in ("eager", "compiled"):
+        pn = PowerNorm(C, group_num=3, backend=backend).to(CUDA).to(half)
+        assert pn.running_phi.dtype == torch.float32 and pn.weight.dtype == half
+        results.append(run_module_steps(pn, batches))
+    for e, c in zip(*results):
+        assert e.dtype == c.dtype and torch.isfinite(c).all()
+        torch.testing.assert_close(e.float(), c.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_on_gpu_continues_bit_for_bit(mode):
+    gen = torch.Generator().manual_seed(7)
+    batches = [on_gpu(random_batch(gen, torch.float32), torch.float32) for _ in range(6)]
+    a = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4).to(CUDA)
+    for batch in batches[:3]:
+        run_module_step(a, *batch)
+    b = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4).to(CUDA)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for batch in batches[3:]:  # crosses the end of warm-up
+        for u, v in zip(run_module_step(a, *batch), run_module_step(b, *batch)):
+            assert torch.equal(u, v)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_gpu_and_cpu_training_agree_and_checkpoints_move_between_them():
+    gen = torch.Generator().manual_seed(3)
+    batches = [random_batch(gen, torch.float32) for _ in range(4)]
+    cpu = PowerNorm(C, mode="paper", group_num=3, warmup_updates=2)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    want = run_module_steps(cpu, batches)
+    got = run_module_steps(gpu, [on_gpu(b, torch.float32) for b in batches])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4)
+    back = PowerNorm(C, mode="paper", group_num=3, warmup_updates=2)
+    back.load_state_dict(gpu.state_dict())
+    assert int(back.num_steps) == 4 and back.running_phi.device.type == "cpu"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PowerNorm(C), lambda: PowerNorm(C, mode="official", warmup_updates=3),
+    lambda: PowerNorm(C, mode="vanilla", group_num=3), lambda: MaskedBatchNorm(C),
+])
+def test_all_padding_batch_on_gpu_is_finite_and_leaves_statistics(make):
+    norm = make().to(CUDA)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(5, 3, C, device=CUDA, requires_grad=True)
+    y = norm(x, torch.ones(3, 5, dtype=torch.bool, device=CUDA))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_input_on_gpu_is_refused_and_not_folded_into_statistics(mode):
+    pn = PowerNorm(C, mode=mode).to(CUDA)
+    pn.name = "encoder.layers.0.final_layer_norm"
+    before = {k: v.clone() for k, v in pn.state_dict().items()}
+    x = torch.randn(5, 3, C, device=CUDA)
+    x[2, 1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm"):
+        pn(x)
+        pn(torch.randn(5, 3, C, device=CUDA))  # the check may report on the next call
+    for k, v in pn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_masked_batch_norm_on_gpu_matches_cpu():
+    gen = torch.Generator().manual_seed(4)
+    x, pad, dy = random_batch(gen, torch.float32)
+    cpu = MaskedBatchNorm(C)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    for _ in range(2):
+        want = run_module_step(cpu, x, pad, dy)
+        got = run_module_step(gpu, *on_gpu((x, pad, dy), torch.float32))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4)
+    for k, v in gpu.state_dict().items():
+        torch.testing.assert_close(v.cpu(), cpu.state_dict()[k], rtol=1e-5, atol=1e-5)
+
+
+def test_vanilla_gradcheck_on_gpu():
+    gen = torch.Generator().manual_seed(2)
+    x, pad, _ = random_batch(gen)
+    pn = PowerNorm(C, mode="vanilla", group_num=3, backend="eager").to(CUDA).double()
+    pad = pad.to(CUDA)
+    torch.autograd.gradcheck(lambda t: pn(t, pad), (x.to(CUDA).requires_grad_(True),))
+
+
+def test_group_scaling_compiled_on_gpu_matches_eager():
+    x = torch.randn(6, 4, C, device=CUDA, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    grads = []
+    for backend in ("eager", "compiled"):
+        x.grad = None
+        y = group_rms_scale(x.float(), 3, backend=backend)
+        y.backward(dy.float())
+        grads.append((y.detach(), x.grad.clone()))
+    for e, c in zip(*grads):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
