@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                      # defaults: a reduced iwslt model
     python benchmarks/train_speed.py --embed-dim 512 --ffn-dim 1024 --layers 6 --repeats 5
+    python benchmarks/train_speed.py --device cuda --fp16 --embed-dim 512 --ffn-dim 2048 --layers 6
 
 Training: ``fairseq-train --arch powernorm_transformer_iwslt_de_en`` at the same size with
 the encoder norms set to ``layer`` (LayerNorm; fairseq's own) and ``power`` (PowerNorm, the
@@ -64,9 +65,16 @@ def make_corpus(root, vocab, sentences, threads):
     return data
 
 
+def device_flags(a):
+    """fairseq's flags for ``--device`` (and ``--fp16``)."""
+    if a.device == "cpu":
+        return ["--cpu"]
+    return ["--fp16"] if a.fp16 else []
+
+
 def train(data, save_dir, norm, a):
     log = fairseq(
-        "train", data, "--user-dir", USER_DIR, "--cpu", "--arch", "powernorm_transformer_iwslt_de_en",
+        "train", data, "--user-dir", USER_DIR, *device_flags(a), "--arch", "powernorm_transformer_iwslt_de_en",
         "--encoder-embed-dim", a.embed_dim, "--decoder-embed-dim", a.embed_dim,
         "--encoder-ffn-embed-dim", a.ffn_dim, "--decoder-ffn-embed-dim", a.ffn_dim,
         "--encoder-layers", a.layers, "--decoder-layers", a.layers,
@@ -86,13 +94,23 @@ def train(data, save_dir, norm, a):
 
 
 def generate(data, ckpt, a):
-    out = fairseq("generate", data, "--user-dir", USER_DIR, "--cpu", "--path", ckpt, "--beam", "4",
+    out = fairseq("generate", data, "--user-dir", USER_DIR, *device_flags(a), "--path", ckpt, "--beam", "4",
                   "--batch-size", "50", "--max-len-b", "40", threads=a.threads)
     return float(re.search(r"Translated .* ([\d.]+) tokens/s\)", out).group(1))
 
 
+def device_name(a):
+    if a.device == "cpu":
+        return "CPU"
+    import torch
+
+    return torch.cuda.get_device_name() + (", fp16" if a.fp16 else ", fp32")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--fp16", action="store_true", help="with --device cuda: fairseq's --fp16")
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--ffn-dim", type=int, default=1024)
     p.add_argument("--layers", type=int, default=3)
@@ -106,6 +124,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--workdir", default=None, help="keep the corpus and checkpoints here")
     a = p.parse_args(argv)
+    if a.fp16 and a.device != "cuda":
+        p.error("--fp16 needs --device cuda")
 
     load_before = os.getloadavg()
     started = time.time()
@@ -133,7 +153,8 @@ def main(argv=None):
     gmed = {k: statistics.median(v) for k, v in gen.items()}
     print(f"\nModel: powernorm_transformer_iwslt_de_en, embed {a.embed_dim}, ffn {a.ffn_dim}, "
           f"{a.layers}+{a.layers} layers, {a.heads} heads; max-tokens {a.max_tokens}; "
-          f"{a.threads} threads; {a.repeats} alternating runs of {a.updates} updates each.\n")
+          f"{a.threads} threads; {a.repeats} alternating runs of {a.updates} updates each; "
+          f"{device_name(a)}.\n")
     print("| encoder norm | train wps (median) | runs | vs LayerNorm |")
     print("|---|---|---|---|")
     for norm, label in (("layer", "LayerNorm"), ("power", "PowerNorm")):

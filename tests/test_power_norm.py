@@ -160,6 +160,29 @@ def test_state_dict_round_trip_mid_training_continues_bit_for_bit(mode):
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+def test_reloaded_or_edited_step_count_is_seen_by_the_next_call():
+    # the layer mirrors num_steps on the host; a load_state_dict or an in-place edit of the
+    # buffer must reach that mirror, or warm-up would be decided from a stale count
+    gen = torch.Generator().manual_seed(12)
+    batches = [random_batch(gen, torch.float32) for _ in range(4)]
+    a = PowerNorm(C, warmup_updates=3)
+    run_module_step(a, *batches[0])
+    saved = copy.deepcopy(a.state_dict())
+    run_module_steps(a, batches[1:])  # a's mirror now says 4 steps
+    a.load_state_dict(saved)
+    b = PowerNorm(C, warmup_updates=3)
+    b.load_state_dict(saved)
+    for u, v in zip(run_module_steps(a, batches[1:]), run_module_steps(b, batches[1:])):
+        assert torch.equal(u, v)
+    with torch.no_grad():
+        a.num_steps.zero_()  # back into warm-up
+    b = PowerNorm(C, warmup_updates=3)
+    b.load_state_dict(a.state_dict())
+    for u, v in zip(run_module_steps(a, batches), run_module_steps(b, batches)):
+        assert torch.equal(u, v)
+    assert int(a.num_steps) == 4
+
+
 def test_eval_mode_is_a_fixed_affine_map_and_updates_nothing():
     gen = torch.Generator().manual_seed(8)
     pn = PowerNorm(C)

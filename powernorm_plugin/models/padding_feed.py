@@ -31,9 +31,9 @@ class PaddingFeed:
         self.mask = None
         if not stack.training or kwargs.get("incremental_state") is not None or tokens is None:
             return None
-        mask = tokens.eq(self.padding_idx)
-        if mask.any():
-            self.mask = mask
+        # Kept even when nothing is padded: testing that here would wait for the device,
+        # while the norms count the tokens of the stack's one mask once (token_mask).
+        self.mask = tokens.eq(self.padding_idx)
         return None
 
     def stack_post_hook(self, stack, args, kwargs, output):

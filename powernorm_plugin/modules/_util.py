@@ -1,4 +1,5 @@
 """Input checks, padding-mask handling and dtype rules shared by the normalization layers."""
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,7 +54,12 @@ class TokenMask:
 
 
 def token_mask(padding_mask, T, B, device, dtype, layer):
-    """Turn fairseq's (B, T) bool padding mask into a :class:`TokenMask` over (T*B) rows."""
+    """Turn fairseq's (B, T) bool padding mask into a :class:`TokenMask` over (T*B) rows.
+
+    Every norm of a fairseq encoder or decoder gets the same mask tensor in one forward call,
+    and counting its tokens waits for the device on a GPU; the last mask's TokenMask is
+    therefore kept and reused while the tensor is unchanged (same object, same version).
+    """
     rows = T * B
     if padding_mask is None:
         return TokenMask(None, rows, rows)
@@ -65,13 +71,29 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
             f"{layer}: padding_mask must have shape (B, T) = ({B}, {T}) for an input of shape "
             f"(T, B, C) = ({T}, {B}, C), got {tuple(padding_mask.shape)}"
         )
+    key = (padding_mask._version, device, dtype)
+    source, cached_key, cached = _last_mask[0]
+    if source() is padding_mask and cached_key == key:
+        return cached
+    source = weakref.ref(padding_mask)
     if padding_mask.device != device:
         padding_mask = padding_mask.to(device)
     count = rows - int(padding_mask.sum())
     if count == rows:  # nothing padded: the layers take their cheaper mask-free paths
-        return TokenMask(None, rows, rows)
-    weights = torch.logical_not(padding_mask.t()).reshape(rows).to(dtype)
-    return TokenMask(weights, count, rows)
+        mask = TokenMask(None, rows, rows)
+    else:
+        weights = torch.logical_not(padding_mask.t()).reshape(rows).to(dtype)
+        mask = TokenMask(weights, count, rows)
+    _last_mask[0] = (source, key, mask)
+    return mask
+
+
+def _dead():
+    return None
+
+
+#: (weak reference to the last padding mask seen, (its version, device, dtype), its TokenMask)
+_last_mask = [(_dead, None, None)]
 
 
 def distributed_world(enabled, group=None):

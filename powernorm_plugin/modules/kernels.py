@@ -48,11 +48,6 @@ def _scale_shift(z, scale, shift, dtype: torch.dtype):
     return (z.to(scale.dtype) * scale + shift).to(dtype)
 
 
-def _input_grad(dy, z, w, a, b, r, dtype: torch.dtype):
-    dz = dy.to(a.dtype) * a - (z * b) * w[:, None]
-    return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
-
-
 def _scaled_input(x, r):
     n, groups = r.shape
     return (x.to(r.dtype).view(n, groups, -1) * r[..., None]).view(x.shape)
@@ -74,18 +69,65 @@ def _group_scale_grad(dz, z, r):
     return ((dzv - zv * q) * r[..., None]).view(n, -1).to(dz.dtype)
 
 
+def _forward_pass(x, w, groups: int, eps: float, scale, shift, sums: bool, all_rows: bool):
+    """The forward of the module docstring as one graph (``w``: token weights, None = all)."""
+    if groups:
+        z, r = _group_scale(x, groups, eps)
+    else:
+        z, r = x.to(compute_dtype(x)), None
+    y = _scale_shift(z, scale, shift, x.dtype) if scale is not None else None
+    token_sq = all_sq = None
+    if sums:
+        sq = z * z
+        if w is None:
+            token_sq = all_sq = sq.sum(0)
+        else:
+            token_sq = (sq * w[:, None]).sum(0)
+            all_sq = sq.sum(0) if all_rows else None
+    return y, token_sq, all_sq, r
+
+
+def _backward_pass(dy, x, r, w, a, b, b_all_rows: bool, sums: bool, token_rows: bool):
+    """The backward of the module docstring as one graph (``w``: token weights, None = all)."""
+    z = x.to(compute_dtype(x)) if r is None else _scaled_input(x, r)
+    dyc = dy.to(z.dtype)
+    token_dz = all_dz = dy_sum = None
+    if sums:
+        prod = dyc * z
+        all_dz = prod.sum(0)
+        if w is None:
+            token_dz = all_dz
+        elif token_rows:
+            token_dz = (prod * w[:, None]).sum(0)
+        dy_sum = dyc.sum(0)
+    dx = None
+    if a is not None:
+        zb = z * b
+        dz = dyc * a - (zb if w is None or b_all_rows else zb * w[:, None])
+        dx = (dz if r is None else _group_scale_grad(dz, z, r)).to(dy.dtype)
+    return dx, token_dz, all_dz, dy_sum
+
+
 #: Rows per chunk of :func:`column_product_sums`: about 1 MiB of fp32 products, so that each
 #: chunk's product is summed while it is still in cache instead of going out to memory.
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def column_product_sums(a, b, mask):
-    """(sum_n m_n a_n b_n, sum_n a_n b_n) per column of two (N, C) tensors.
+def column_product_sums(a, b, mask, all_rows=True):
+    """(sum_n m_n a_n b_n, sum_n a_n b_n) per column of two (N, C) tensors; with
+    ``all_rows=False`` the second may be None.
 
-    The product is formed and reduced one cache-sized block of rows at a time (a product
-    row block, then a matrix-vector product with the token indicator), so it is never
-    written out in full: one read of a and b from memory instead of three passes.
+    On the CPU the product is formed and reduced one cache-sized block of rows at a time (a
+    product row block, then a matrix-vector product with the token indicator), so it is never
+    written out in full: one read of a and b from memory instead of three passes. On other
+    devices, where each op is a kernel launch, it is one product and one or two reductions,
+    and no op waits for the device.
     """
+    if a.device.type != "cpu":
+        prod = a * b
+        total = prod.sum(0) if all_rows or mask.weights is None else None
+        token = total if mask.weights is None else mask.weights @ prod
+        return token, total
     n, c = a.shape
     rows = max(1, _CHUNK_ELEMENTS // max(c, 1))
     token = a.new_zeros(c)
@@ -97,11 +139,13 @@ def column_product_sums(a, b, mask):
             token.addmv_(prod.t(), mask.weights[start : start + rows])
     if mask.pad_rows is None:
         return token, token
+    if not all_rows:
+        return token, None
     return token, token + (a[mask.pad_rows] * b[mask.pad_rows]).sum(0)
 
 
 class EagerKernels:
-    """One PyTorch op per term; padding handled by a matrix-vector product and row indexing."""
+    """One PyTorch op per term; on the CPU, padding handled by row indexing."""
 
     name = "eager"
 
@@ -109,7 +153,7 @@ class EagerKernels:
         z, r = self.group_scale(x, groups, eps) if groups else (x.to(compute_dtype(x)), None)
         token_sq = all_sq = None
         if sums:
-            token_sq, all_sq = column_product_sums(z, z, mask)
+            token_sq, all_sq = column_product_sums(z, z, mask, all_rows)
         y = self.scale_shift(z, scale, shift, x.dtype) if scale is not None else None
         return y, token_sq, all_sq, r
 
@@ -135,9 +179,13 @@ class EagerKernels:
     def input_grad(dy, z, mask, a, b, r, dtype):
         """dz_n = a * dy_n - m_n * b * z_n (mask None: every row takes the b term), then
         through the group scaling when r is given; in ``dtype``."""
-        dz = (dy.to(a.dtype) * a).sub_(z * b)
-        if mask is not None and mask.pad_rows is not None:
-            dz.index_add_(0, mask.pad_rows, z[mask.pad_rows] * b)
+        dz = dy.to(a.dtype) * a
+        if mask is None or mask.weights is None:
+            dz.sub_(z * b)
+        elif z.device.type != "cpu":  # no row indices: finding them waits for the device
+            dz.sub_((z * b).mul_(mask.weights[:, None]))
+        else:
+            dz.sub_(z * b).index_add_(0, mask.pad_rows, z[mask.pad_rows] * b)
         return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
 
     @staticmethod
@@ -157,32 +205,29 @@ class EagerKernels:
 
 
 class CompiledKernels(EagerKernels):
-    """The element-wise passes and the group scaling fused by torch.compile.
+    """Each pass, column sums included, and the group scaling compiled by torch.compile.
 
-    The per-feature column sums stay eager: a materialized product and a BLAS matrix-vector
-    product beat the reduction loops torch.compile generates on CPU (measured 4-5x slower,
-    single-threaded, at (4096, 512)).
+    One compiled graph per pass: on a GPU every eager op is a kernel launch and a few
+    microseconds of host time, so the pass's dozen ops become a few fused kernels. (On the
+    CPU this backend is only the fallback where the native kernels cannot be built.)
     """
 
     name = "compiled"
 
     def __init__(self):
         compile_ = lambda f: torch.compile(f, dynamic=True)  # noqa: E731
-        self._scale_shift = compile_(_scale_shift)
-        self._input_grad = compile_(_input_grad)
-        self.scaled_input = compile_(_scaled_input)
+        self._forward_pass = compile_(_forward_pass)
+        self._backward_pass = compile_(_backward_pass)
+        self.scale_shift = compile_(_scale_shift)
         self.group_scale = compile_(_group_scale)
         self.group_scale_grad = compile_(_group_scale_grad)
 
-    def scale_shift(self, z, scale, shift, dtype):
-        return self._scale_shift(z, scale, shift, dtype)
+    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+        return self._forward_pass(x, mask.weights, groups or 0, eps, scale, shift, sums, all_rows)
 
-    def input_grad(self, dy, z, mask, a, b, r, dtype):
-        if mask is not None and mask.weights is not None:
-            w = mask.weights
-        else:
-            w = torch.ones(z.size(0), dtype=a.dtype, device=z.device)
-        return self._input_grad(dy, z, w, a, b, r, dtype)
+    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True,
+                 token_rows=True):
+        return self._backward_pass(dy, x, r, mask.weights, a, b, b_all_rows, sums, token_rows)
 
 
 EAGER = EagerKernels()

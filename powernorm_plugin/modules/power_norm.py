@@ -42,6 +42,7 @@ from ._util import (
     token_mask,
 )
 from .group_scaling import GroupRMSScaleFunction, check_groups
+from .host_mirrors import DeferredFiniteCheck, StepCounter
 from .kernels import EAGER, kernels_for, resolve_backend
 
 MODES = ("paper", "official", "vanilla")
@@ -61,6 +62,8 @@ class PowerNormConfig(NamedTuple):
     causal: bool
     name: str
     kernels: object
+    steps: object  # the layer's StepCounter (num_steps on the host)
+    checks: object  # the layer's DeferredFiniteCheck (CUDA)
 
 
 class PowerNormFunction(torch.autograd.Function):
@@ -74,6 +77,10 @@ class PowerNormFunction(torch.autograd.Function):
     z^2 and token counts; backward: the sums behind Lambda), as SyncBatchNorm does.
     Where the normalizer is known before the batch is read (psi_{t-1}, after warm-up) each
     direction is one pass over the activations; warm-up and PN-V need a second pass.
+
+    On a CUDA device nothing waits for the device: the step counter is mirrored on the host,
+    and a non-finite psi_B^2 is kept out of the running statistics on the device and
+    reported (FloatingPointError) at the layer's next training call.
     """
 
     @staticmethod
@@ -82,9 +89,13 @@ class PowerNormFunction(torch.autograd.Function):
         cd = compute_dtype(x)
         C = x.size(1)
         group = distributed_world(cfg.sync, cfg.process_group)
+        deferred = x.is_cuda
+        if deferred and cfg.checks.failed():
+            cfg.steps.forget()
+            raise FloatingPointError(_not_finite(cfg.name, "of its previous training call "))
 
-        step = int(num_steps) + 1
-        warm = step <= cfg.warmup_updates
+        step = cfg.steps.value(num_steps) + 1 if cfg.warmup_updates else None
+        warm = step is not None and step <= cfg.warmup_updates
         use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
         w = _as(weight, cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
         b = _as(bias, cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
@@ -101,13 +112,16 @@ class PowerNormFunction(torch.autograd.Function):
         saved = []
         if count > 0:
             psi_b = token_sq / count
-            if not math.isfinite(psi_b.max()):  # max() propagates NaN
-                raise FloatingPointError(
-                    f"{cfg.name}: the batch statistic psi_B^2 is not finite (the input holds NaN "
-                    "or Inf, or z^2 overflowed); its running statistics were left unchanged"
-                )
-            _update_running_phi(running_phi, psi_b, step, warm, cfg)
-            num_steps.add_(1)
+            if deferred:  # max() propagates NaN; a non-finite psi_B^2 moves psi^2 nowhere
+                ok = torch.isfinite(psi_b.max())
+                cfg.checks.record(ok)
+                _update_running_phi(running_phi, torch.where(ok, psi_b, running_phi), step, warm, cfg)
+                cfg.steps.add(num_steps, ok)
+            else:
+                if not math.isfinite(psi_b.max()):
+                    raise FloatingPointError(_not_finite(cfg.name, ""))
+                _update_running_phi(running_phi, psi_b, step, warm, cfg)
+                cfg.steps.add(num_steps)
             if cfg.mode == "paper":
                 saved = [psi_b]
             elif cfg.mode == "official":
@@ -167,6 +181,11 @@ class PowerNormFunction(torch.autograd.Function):
         grad_w = _as(all_dz * inv, ctx.weight_dtype) if ctx.weight_dtype is not None else None
         grad_b = _as(dy_sum, ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return dx, grad_w, grad_b, None, None, None, None, None
+
+
+def _not_finite(name, when):
+    return (f"{name}: the batch statistic psi_B^2 {when}is not finite (the input holds NaN or "
+            "Inf, or z^2 overflowed); its running statistics were left unchanged")
 
 
 def _as(tensor, dtype):
@@ -279,6 +298,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         self.register_buffer("running_phi", torch.ones(num_features))
         self.register_buffer("running_nu", torch.zeros(num_features))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self._steps = StepCounter()
+        self._checks = DeferredFiniteCheck()
 
     def forward(self, x, padding_mask=None):
         check_input(x, self.num_features, self.name)
@@ -292,7 +313,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = PowerNormConfig(self.mode, self.eps, self.alpha_fwd, self.alpha_bkw,
                               self.warmup_updates, self.group_num, self.sync, self.process_group,
-                              self.causal, self.name, kernels_for(self.backend, x.device))
+                              self.causal, self.name, kernels_for(self.backend, x.device),
+                              self._steps, self._checks)
         y = PowerNormFunction.apply(z.contiguous(), self.weight, self.bias, self.running_phi,
                                     self.running_nu, self.num_steps, mask, cfg)
         return y.view(T, B, C)

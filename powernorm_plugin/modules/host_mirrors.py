@@ -1,0 +1,83 @@
+"""Host-side copies of a layer's device state, so that a training call on a GPU never waits.
+
+Reading a CUDA tensor's value on the host (``int(t)``, ``bool(t)``) waits until the device
+has run everything queued before it; one such read per layer and step keeps the host from
+running ahead of the device and leaves the device idle between the layers. PowerNorm needs
+two values on the host: its step counter (for warm-up) and whether the batch statistic was
+finite (to refuse NaN). Both are kept here without a read of the device on the common path.
+"""
+import weakref
+
+import torch
+
+
+def _dead():
+    return None
+
+
+class StepCounter:
+    """The buffer ``num_steps`` mirrored as a host int.
+
+    The buffer is read only when it was changed other than through :meth:`add` (a
+    ``load_state_dict``, a ``.to()``, an in-place edit): each in-place change of a tensor
+    bumps its version, so a version other than the one recorded means "read it again".
+    Pickling or deep-copying gives a fresh, unread mirror.
+    """
+
+    def __init__(self):
+        self._source, self._version, self._value = _dead, None, 0
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def _current(self, num_steps):
+        return self._source() is num_steps and self._version == num_steps._version
+
+    def value(self, num_steps):
+        """int(num_steps), read from the device only where the mirror is out of date."""
+        if not self._current(num_steps):
+            self._value = int(num_steps)
+            self._source, self._version = weakref.ref(num_steps), num_steps._version
+        return self._value
+
+    def add(self, num_steps, increment=1):
+        """num_steps += increment (an int, or a 0-d tensor the host assumes to be 1)."""
+        current = self._current(num_steps)
+        num_steps.add_(increment)
+        if current:
+            self._value += 1
+            self._version = num_steps._version
+
+    def forget(self):
+        """Read the buffer again next time (after an increment the host could not know)."""
+        self._source = _dead
+
+
+class DeferredFiniteCheck:
+    """A 0-d bool on a CUDA device, read on the host one call later without waiting.
+
+    :meth:`record` queues a copy of the flag into pinned host memory behind the current
+    work, with an event after it; :meth:`failed` (called at the start of the next call,
+    when the device has long finished that copy) waits on the event and reads the copy.
+    """
+
+    def __init__(self):
+        self._flag = self._event = None
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def record(self, ok):
+        if self._flag is None:
+            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._flag.copy_(ok, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def failed(self):
+        """Whether the last recorded flag was False (and forget it)."""
+        if self._event is None:
+            return False
+        self._event.synchronize()
+        self._event = None
+        return not bool(self._flag)
