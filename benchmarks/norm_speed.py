@@ -15,6 +15,12 @@ beside each time; ``--malloc default`` leaves glibc as it is. Run:
 
     python benchmarks/norm_speed.py                 # CPU, and CUDA when available
     python benchmarks/norm_speed.py --device cpu --shapes 64x64x512 32x128x1024
+    python benchmarks/norm_speed.py --device cuda --backends compiled eager --launches
+
+On a GPU at these shapes a layer's time is mostly the host's: launching kernels and running
+the Python around them. ``--launches`` adds, per layer, the CUDA kernels one step launches,
+their summed GPU time, the host-device synchronizations torch detects in one step, and the
+host's time to queue a step against the wall time of a step.
 """
 import argparse
 import ctypes
@@ -100,7 +106,38 @@ def cpu_peak_memory_mb(step):
     return peak / 2**20
 
 
-def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_counter):
+def launch_profile(step, steps=50):
+    """(kernels per step, their GPU ms, synchronizations per step, host ms, wall ms per step)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    torch.cuda.set_sync_debug_mode("warn")  # warns on each synchronizing call it can see
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return (len(kernels), sum(e.device_time for e in kernels) / 1e3, syncs,
+            host / steps * 1e3, wall / steps * 1e3)
+
+
+def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_counter,
+          launch=False):
     T, B, C = shape
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(T, B, C, generator=gen) + 0.3).to(device, dtype).requires_grad_(True)
@@ -125,7 +162,8 @@ def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_
             faults[name] += page_faults() - f0
     mem = {name: (peak_memory_mb(s, device) if device.type == "cuda" else cpu_peak_memory_mb(s))
            for name, s in steps.items()}
-    return times, {name: f / (rounds * iters) for name, f in faults.items()}, mem
+    launches = {name: launch_profile(s) for name, s in steps.items()} if launch else None
+    return times, {name: f / (rounds * iters) for name, f in faults.items()}, mem, launches
 
 
 def main():
@@ -143,6 +181,8 @@ def main():
                    help="cpu: this process's CPU time (CPU device only), which other load on "
                    "a shared machine disturbs less; use it with --threads 1")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--launches", action="store_true",
+                   help="CUDA: also report kernels, synchronizations and host time per step")
     p.add_argument("--malloc", choices=["steady", "default"], default="steady",
                    help="steady: glibc keeps freed memory mapped, so no layer's time includes "
                    "page faults caused by the allocations before it (see the module docstring)")
@@ -162,10 +202,13 @@ def main():
         name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
         if dev == "cuda" and args.timer == "cpu":
             sys.exit("--timer cpu measures the CPU only")
+        if dev != "cuda" and args.launches:
+            sys.exit("--launches profiles CUDA kernels; use it with --device cuda")
         for s in args.shapes:
             shape = tuple(int(v) for v in s.split("x"))
-            times, faults, mem = bench(shape, device, getattr(torch, args.dtype), args.rounds,
-                                       args.iters, args.heads, args.backends, timer)
+            times, faults, mem, launches = bench(shape, device, getattr(torch, args.dtype),
+                                                 args.rounds, args.iters, args.heads,
+                                                 args.backends, timer, args.launches)
             med = {layer: statistics.median(v) for layer, v in times.items()}
             best = {layer: min(v) for layer, v in times.items()}
             print(f"\n{name}  (T, B, C) = {shape}, fwd+bwd, training mode, ~10% padding")
@@ -176,6 +219,12 @@ def main():
                 print(f"| {layer} | {med[layer]:.2f} | {med[layer] / med['LayerNorm']:.2f} | "
                       f"{best[layer]:.2f} | {best[layer] / best['LayerNorm']:.2f} | "
                       f"{faults[layer]:.0f} | {mem[layer]:.1f} |")
+            if launches:
+                print("\n| layer | CUDA kernels / step | their GPU ms | syncs / step "
+                      "| host ms to queue a step | wall ms / step |")
+                print("|---|---:|---:|---:|---:|---:|")
+                for layer, (n, gpu, syncs, host, wall) in launches.items():
+                    print(f"| {layer} | {n} | {gpu:.3f} | {syncs} | {host:.3f} | {wall:.3f} |")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,26 @@ def test_nan_input_on_gpu_is_refused_and_not_folded_into_statistics(mode):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["compiled", "eager"])
+def test_training_step_on_gpu_never_waits_for_the_device(mode, backend):
+    # after the first calls (which read the step counter and count the mask's tokens), a
+    # training step only queues work: torch reports any host-device synchronization
+    gen = torch.Generator().manual_seed(5)
+    x, pad, dy = on_gpu(random_batch(gen, torch.float32), torch.float32)
+    pn = PowerNorm(C, mode=mode, group_num=3, warmup_updates=2, backend=backend).to(CUDA)
+    for _ in range(3):
+        run_module_step(pn, x, pad, dy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_module_step(pn, x, pad, dy)
+        run_module_step(pn, x, pad, dy)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(pn.num_steps) == 5
+
+
 def test_masked_batch_norm_on_gpu_matches_cpu():
     gen = torch.Generator().manual_seed(4)
     x, pad, dy = random_batch(gen, torch.float32)

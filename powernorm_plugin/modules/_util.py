@@ -35,22 +35,12 @@ class TokenMask:
     """Which rows of the flattened (T*B, C) input are real tokens.
 
     ``weights`` is 1.0 for tokens and 0.0 for padding (None: no padding), ``count`` the number
-    of tokens, ``rows`` the number of rows; :attr:`pad_rows` the indices of padding rows.
+    of tokens, ``rows`` the number of rows.
     """
 
     weights: Optional[torch.Tensor]
     count: int
     rows: int
-
-    @property
-    def pad_rows(self):
-        """Indices of the padding rows (None: none), computed on first use: only the eager
-        kernels index rows, and on a GPU ``nonzero`` waits for the device."""
-        if self.weights is None:
-            return None
-        if not hasattr(self, "_pad_rows"):
-            self._pad_rows = (self.weights == 0).nonzero().squeeze(1)
-        return self._pad_rows
 
 
 def token_mask(padding_mask, T, B, device, dtype, layer):

@@ -5,9 +5,9 @@ with the optional per-token group RMS scaling folded in:
 
     r_{n,g} = 1 / sqrt(mean_{c in g} x_{n,c}^2 + eps),   z = x * r     (no groups: z = x)
 
-    forward(x, mask, groups, eps, scale, shift, sums, all_rows)
+    forward(x, weights, groups, eps, scale, shift, sums, all_rows)
         -> (y = scale * z + shift,  sum_n m_n z_n^2,  sum_n z_n^2,  r)
-    backward(dy, x, r, mask, groups, a, b, b_all_rows, sums, token_rows)
+    backward(dy, x, r, weights, groups, a, b, b_all_rows, sums, token_rows)
         -> (dx,  sum_n m_n dy_n z_n,  sum_n dy_n z_n,  sum_n dy_n)
         where dz_n = a * dy_n - w_n * b * z_n   (w_n = m_n; 1 for every row with b_all_rows)
               dx_n = r_n (dz_n - z_n mean_g(dz_n z_n))   (no groups: dx = dz)
@@ -15,15 +15,15 @@ with the optional per-token group RMS scaling folded in:
 ``y``/``dx`` are skipped (None) when ``scale``/``a`` is None, the sums when ``sums`` is false;
 a caller that needs no all-row sum of z^2 (``all_rows=False``), or no token sum of dy z
 (``token_rows=False``), lets a backend skip it (it may return None there).
-m_n is ``mask.weights`` (1 for tokens, 0 for padding); statistics are fp32 (fp64 for fp64
+m_n is ``weights`` (1 for tokens, 0 for padding; None: every row is a token); statistics are fp32 (fp64 for fp64
 input) whatever the activation dtype. Callers that know ``scale``/``a`` before the sums get
 everything from one pass; where the scale depends on the sums (warm-up, PN-V) they call twice.
 
 * ``native``: hand-written C++ (``csrc/power_norm_cpu.cpp``, CPU only), one read of the
   activations and one write per pass, like LayerNorm's fused kernel. Built on first use with
   torch's extension builder (needs a C++ compiler and ninja), then cached.
-* ``compiled``: the element-wise passes fused by ``torch.compile`` (Triton on GPU, C++ on CPU);
-  the column sums stay eager.
+* ``compiled``: each pass, and PowerNorm's whole training step around it (statistics and
+  running buffers), compiled by ``torch.compile`` (Triton on GPU, C++ on CPU).
 * ``eager``: one PyTorch op per term; runs everywhere.
 
 ``auto`` (the default) takes ``native`` on CPU and ``compiled`` on GPU, and falls back, with
@@ -113,7 +113,12 @@ def _backward_pass(dy, x, r, w, a, b, b_all_rows: bool, sums: bool, token_rows: 
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def column_product_sums(a, b, mask, all_rows=True):
+def pad_rows(weights):
+    """Indices of the padding rows (weight 0)."""
+    return (weights == 0).nonzero().squeeze(1)
+
+
+def column_product_sums(a, b, weights, all_rows=True):
     """(sum_n m_n a_n b_n, sum_n a_n b_n) per column of two (N, C) tensors; with
     ``all_rows=False`` the second may be None.
 
@@ -125,49 +130,55 @@ def column_product_sums(a, b, mask, all_rows=True):
     """
     if a.device.type != "cpu":
         prod = a * b
-        total = prod.sum(0) if all_rows or mask.weights is None else None
-        token = total if mask.weights is None else mask.weights @ prod
+        total = prod.sum(0) if all_rows or weights is None else None
+        token = total if weights is None else weights @ prod
         return token, total
     n, c = a.shape
     rows = max(1, _CHUNK_ELEMENTS // max(c, 1))
     token = a.new_zeros(c)
     for start in range(0, n, rows):
         prod = a[start : start + rows] * b[start : start + rows]
-        if mask.weights is None:
+        if weights is None:
             token += prod.sum(0)
         else:
-            token.addmv_(prod.t(), mask.weights[start : start + rows])
-    if mask.pad_rows is None:
+            token.addmv_(prod.t(), weights[start : start + rows])
+    if weights is None:
         return token, token
     if not all_rows:
         return token, None
-    return token, token + (a[mask.pad_rows] * b[mask.pad_rows]).sum(0)
+    pad = pad_rows(weights)
+    return token, token + (a[pad] * b[pad]).sum(0)
 
 
 class EagerKernels:
     """One PyTorch op per term; on the CPU, padding handled by row indexing."""
 
     name = "eager"
+    compiles_steps = False  # PowerNorm runs its training step around these passes eagerly
 
-    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+    @property
+    def passes(self):
+        return self
+
+    def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         z, r = self.group_scale(x, groups, eps) if groups else (x.to(compute_dtype(x)), None)
         token_sq = all_sq = None
         if sums:
-            token_sq, all_sq = column_product_sums(z, z, mask, all_rows)
+            token_sq, all_sq = column_product_sums(z, z, weights, all_rows)
         y = self.scale_shift(z, scale, shift, x.dtype) if scale is not None else None
         return y, token_sq, all_sq, r
 
-    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True,
+    def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
                  token_rows=True):
         z = self.scaled_input(x, r) if groups else x.to(compute_dtype(x))
         token_dz = all_dz = dy_sum = None
         if sums:
             dyc = dy.to(z.dtype)
-            token_dz, all_dz = column_product_sums(dyc, z, mask)
+            token_dz, all_dz = column_product_sums(dyc, z, weights)
             dy_sum = dyc.sum(0)
         dx = None
         if a is not None:
-            dx = self.input_grad(dy, z, None if b_all_rows else mask, a, b, r, dy.dtype)
+            dx = self.input_grad(dy, z, None if b_all_rows else weights, a, b, r, dy.dtype)
         return dx, token_dz, all_dz, dy_sum
 
     @staticmethod
@@ -176,16 +187,17 @@ class EagerKernels:
         return (z.to(scale.dtype) * scale).add_(shift).to(dtype)
 
     @staticmethod
-    def input_grad(dy, z, mask, a, b, r, dtype):
-        """dz_n = a * dy_n - m_n * b * z_n (mask None: every row takes the b term), then
+    def input_grad(dy, z, weights, a, b, r, dtype):
+        """dz_n = a * dy_n - m_n * b * z_n (weights None: every row takes the b term), then
         through the group scaling when r is given; in ``dtype``."""
         dz = dy.to(a.dtype) * a
-        if mask is None or mask.weights is None:
+        if weights is None:
             dz.sub_(z * b)
         elif z.device.type != "cpu":  # no row indices: finding them waits for the device
-            dz.sub_((z * b).mul_(mask.weights[:, None]))
+            dz.sub_((z * b).mul_(weights[:, None]))
         else:
-            dz.sub_(z * b).index_add_(0, mask.pad_rows, z[mask.pad_rows] * b)
+            pad = pad_rows(weights)
+            dz.sub_(z * b).index_add_(0, pad, z[pad] * b)
         return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
 
     @staticmethod
@@ -204,15 +216,30 @@ class EagerKernels:
         return _group_scale_grad(dz, z, r)
 
 
-class CompiledKernels(EagerKernels):
-    """Each pass, column sums included, and the group scaling compiled by torch.compile.
+class TracedPasses:
+    """The two passes as plain tensor formulas (:func:`_forward_pass`, :func:`_backward_pass`),
+    for torch.compile to trace into a larger graph."""
 
-    One compiled graph per pass: on a GPU every eager op is a kernel launch and a few
-    microseconds of host time, so the pass's dozen ops become a few fused kernels. (On the
-    CPU this backend is only the fallback where the native kernels cannot be built.)
+    def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+        return _forward_pass(x, weights, groups or 0, eps, scale, shift, sums, all_rows)
+
+    def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
+                 token_rows=True):
+        return _backward_pass(dy, x, r, weights, a, b, b_all_rows, sums, token_rows)
+
+
+class CompiledKernels(EagerKernels):
+    """The passes, and the group scaling, compiled by torch.compile.
+
+    PowerNorm compiles its whole training step around the passes (``compiles_steps``): on
+    a GPU every eager op is a kernel launch and a few microseconds of host time, so the
+    step's few dozen small ops become a few fused kernels. (On the CPU this backend is only
+    the fallback where the native kernels cannot be built.)
     """
 
     name = "compiled"
+    compiles_steps = True
+    passes = TracedPasses()
 
     def __init__(self):
         compile_ = lambda f: torch.compile(f, dynamic=True)  # noqa: E731
@@ -222,12 +249,12 @@ class CompiledKernels(EagerKernels):
         self.group_scale = compile_(_group_scale)
         self.group_scale_grad = compile_(_group_scale_grad)
 
-    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
-        return self._forward_pass(x, mask.weights, groups or 0, eps, scale, shift, sums, all_rows)
+    def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+        return self._forward_pass(x, weights, groups or 0, eps, scale, shift, sums, all_rows)
 
-    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True,
+    def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
                  token_rows=True):
-        return self._backward_pass(dy, x, r, mask.weights, a, b, b_all_rows, sums, token_rows)
+        return self._backward_pass(dy, x, r, weights, a, b, b_all_rows, sums, token_rows)
 
 
 EAGER = EagerKernels()

@@ -84,18 +84,18 @@ class NativeKernels(EagerKernels):
     def __init__(self):
         self.ops = load_library()
 
-    def forward(self, x, mask, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+    def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         y, token_sq, all_sq, r = self.ops.forward(
-            x, mask.weights, groups or 0, eps, scale, shift, sums, all_rows)
-        if mask.weights is None:
+            x, weights, groups or 0, eps, scale, shift, sums, all_rows)
+        if weights is None:
             all_sq = token_sq  # every row is a token
         return (y if scale is not None else None, token_sq if sums else None,
                 all_sq if sums and all_rows else None, r if groups else None)
 
-    def backward(self, dy, x, r, mask, groups, a=None, b=None, b_all_rows=False, sums=True,
+    def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
                  token_rows=True):
         dx, token_dz, all_dz, dy_sum = self.ops.backward(
-            dy, x, r, mask.weights, groups or 0, a, b, b_all_rows, sums, token_rows)
+            dy, x, r, weights, groups or 0, a, b, b_all_rows, sums, token_rows)
         if not sums:
             token_dz = all_dz = dy_sum = None
         elif not token_rows:

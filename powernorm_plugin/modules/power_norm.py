@@ -78,16 +78,16 @@ class PowerNormFunction(torch.autograd.Function):
     Where the normalizer is known before the batch is read (psi_{t-1}, after warm-up) each
     direction is one pass over the activations; warm-up and PN-V need a second pass.
 
-    On a CUDA device nothing waits for the device: the step counter is mirrored on the host,
-    and a non-finite psi_B^2 is kept out of the running statistics on the device and
-    reported (FloatingPointError) at the layer's next training call.
+    The arithmetic of each direction is one function of tensors (:func:`_forward_math`,
+    :func:`_backward_math`) that the ``compiled`` backend compiles whole. On a CUDA device
+    nothing waits for the device: the step counter is mirrored on the host, and a
+    non-finite psi_B^2 is kept out of the running statistics on the device and reported
+    (FloatingPointError) at the layer's next training call.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
         k = cfg.kernels
-        cd = compute_dtype(x)
-        C = x.size(1)
         group = distributed_world(cfg.sync, cfg.process_group)
         deferred = x.is_cuda
         if deferred and cfg.checks.failed():
@@ -97,41 +97,19 @@ class PowerNormFunction(torch.autograd.Function):
         step = cfg.steps.value(num_steps) + 1 if cfg.warmup_updates else None
         warm = step is not None and step <= cfg.warmup_updates
         use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
-        w = _as(weight, cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
-        b = _as(bias, cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
-        y = None
-        all_rows = cfg.mode == "official"  # Gamma over every row: the all-row sum of z^2
-        if use_batch:  # the scale needs this batch's psi_B: sums first, output second
-            _, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, all_rows=all_rows)
-        else:  # psi_{t-1}: running_phi before this step's update
-            inv = torch.rsqrt(_as(running_phi, cd) + cfg.eps)
-            y, token_sq, all_sq, r = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b,
-                                               all_rows=all_rows)
-        count, rows, token_sq, all_sq = _synchronized(token_sq, all_sq, mask, group, cfg.mode)
-
-        saved = []
-        if count > 0:
-            psi_b = token_sq / count
-            if deferred:  # max() propagates NaN; a non-finite psi_B^2 moves psi^2 nowhere
-                ok = torch.isfinite(psi_b.max())
+        math_ = _compiled_math(_forward_math) if k.compiles_steps and group is None else _forward_math
+        y, w, inv, r, count, rows, new_phi, ok, saved = math_(
+            k.passes, x, mask.weights, mask.count, mask.rows, weight, bias, running_phi, step,
+            warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.groups, group)
+        if new_phi is not None:
+            if deferred:
                 cfg.checks.record(ok)
-                _update_running_phi(running_phi, torch.where(ok, psi_b, running_phi), step, warm, cfg)
-                cfg.steps.add(num_steps, ok)
-            else:
-                if not math.isfinite(psi_b.max()):
-                    raise FloatingPointError(_not_finite(cfg.name, ""))
-                _update_running_phi(running_phi, psi_b, step, warm, cfg)
-                cfg.steps.add(num_steps)
-            if cfg.mode == "paper":
-                saved = [psi_b]
-            elif cfg.mode == "official":
-                ctx.rows = rows
-                saved = [all_sq, torch.rsqrt(psi_b + cfg.eps)]
-        if y is None:  # a batch of padding only has no psi_B: it takes psi_{t-1} (unchanged)
-            inv = torch.rsqrt((psi_b if count > 0 else _as(running_phi, cd)) + cfg.eps)
-            y = k.forward(x, mask, cfg.groups, cfg.eps, w * inv, b, sums=False)[0]
+            elif not ok:
+                raise FloatingPointError(_not_finite(cfg.name, ""))
+            running_phi.copy_(new_phi)
+            cfg.steps.add(num_steps, ok if deferred else 1)
 
-        ctx.cfg, ctx.mask, ctx.group, ctx.count = cfg, mask, group, count
+        ctx.cfg, ctx.weights, ctx.group, ctx.count, ctx.rows = cfg, mask.weights, group, count, rows
         ctx.running_nu = running_nu
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -141,46 +119,107 @@ class PowerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        cfg, mask, k = ctx.cfg, ctx.mask, ctx.cfg.kernels
+        cfg, k = ctx.cfg, ctx.cfg.kernels
         x, w, inv, *saved = ctx.saved_tensors
         r = saved.pop(0) if ctx.has_r else None
-        dy = dy.contiguous()
-
-        # Every mode: dx = the input gradient of dz = a * dy - b * z, the b term on token rows
-        # only (official: all rows), with the sums over token rows and over all rows of
-        # dy * z (gamma's gradient takes all) and of dy (beta's gradient).
-        token_rows = cfg.mode == "paper"  # Lambda over tokens: the token sum of dy z
-
-        def grad(a, b_coef, b_all_rows=False, sums=True):
-            return k.backward(dy, x, r, mask, cfg.groups, a, b_coef, b_all_rows, sums, token_rows)
-
-        a = w * inv
-        if ctx.count == 0:
-            dx, token_dz, all_dz, dy_sum = grad(a, torch.zeros_like(a))
-        elif cfg.mode == "vanilla":
-            # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n, so the
-            # sums come first and the input gradient second
-            _, token_dz, all_dz, dy_sum = k.backward(dy, x, r, mask, cfg.groups, token_rows=False)
-            total = all_reduce_sum(all_dz, ctx.group, copy=True)
-            dx = grad(a, w * inv.pow(3) * total / ctx.count, sums=False)[0]
-        else:
-            nu = _as(ctx.running_nu, inv.dtype)
-            if cfg.mode == "paper":
-                (psi_b,) = saved
-                inv_sq = inv * inv
-                dx, token_dz, all_dz, dy_sum = grad(a, nu * inv_sq)
-                gamma_t = inv_sq * psi_b  # mean_tokens zhat^2
-                lambda_t = a * all_reduce_sum(token_dz, ctx.group, copy=True) / ctx.count
-            else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
-                all_sq, inv_b = saved
-                dx, token_dz, all_dz, dy_sum = grad(w * inv_b, nu * inv * inv_b, b_all_rows=True)
-                gamma_t = inv * inv * all_sq / ctx.rows
-                lambda_t = a * all_reduce_sum(all_dz, ctx.group, copy=True) / ctx.rows
-            _update_running_nu(ctx.running_nu, nu, gamma_t, lambda_t, cfg.alpha_bkw)
-
-        grad_w = _as(all_dz * inv, ctx.weight_dtype) if ctx.weight_dtype is not None else None
-        grad_b = _as(dy_sum, ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        math_ = _compiled_math(_backward_math) if k.compiles_steps and ctx.group is None else _backward_math
+        dx, grad_w, grad_b, new_nu = math_(
+            k.passes, dy.contiguous(), x, r, ctx.weights, ctx.count, ctx.rows, w, inv,
+            ctx.running_nu, tuple(saved), cfg.mode, cfg.groups, cfg.alpha_bkw, ctx.group)
+        if new_nu is not None:
+            ctx.running_nu.copy_(new_nu)
+        grad_w = _as(grad_w, ctx.weight_dtype) if ctx.weight_dtype is not None else None
+        grad_b = _as(grad_b, ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return dx, grad_w, grad_b, None, None, None, None, None
+
+
+def _forward_math(passes, x, weights, count, rows, weight, bias, phi, step, warm, use_batch,
+                  mode, eps, alpha_fwd, groups, group):
+    """The forward of one training call, without side effects.
+
+    Returns (y, gamma, inv, r, count, rows, new psi^2, ok, saved): ``inv`` the 1/sqrt(psi + eps)
+    that y was normalized by, ``count``/``rows`` over the process group, the new psi^2 and
+    ``ok`` (psi_B^2 finite; where not, the new psi^2 is the old) None for a batch without
+    tokens, and ``saved`` what the mode's backward needs besides x, gamma, inv and r.
+    """
+    cd = compute_dtype(x)
+    C = x.size(1)
+    w = _as(weight, cd) if weight is not None else torch.ones(C, dtype=cd, device=x.device)
+    b = _as(bias, cd) if bias is not None else torch.zeros(C, dtype=cd, device=x.device)
+    all_rows = mode == "official"  # Gamma over every row: the all-row sum of z^2
+    y = None
+    if use_batch:  # the scale needs this batch's psi_B: sums first, output second
+        _, token_sq, all_sq, r = passes.forward(x, weights, groups, eps, all_rows=all_rows)
+    else:  # psi_{t-1}: running_phi before this step's update
+        inv = torch.rsqrt(_as(phi, cd) + eps)
+        y, token_sq, all_sq, r = passes.forward(x, weights, groups, eps, w * inv, b,
+                                                all_rows=all_rows)
+    count, rows, token_sq, all_sq = _synchronized(token_sq, all_sq, count, rows, group, mode)
+    new_phi = ok = None
+    saved = ()
+    if count > 0:
+        psi_b = token_sq / count
+        ok = torch.isfinite(psi_b.max())  # max() propagates NaN
+        new_phi = _new_running_phi(phi, torch.where(ok, psi_b, phi), step, warm, mode, alpha_fwd)
+        if mode == "paper":
+            saved = (psi_b,)
+        elif mode == "official":
+            saved = (all_sq, torch.rsqrt(psi_b + eps))
+    if y is None:  # a batch of padding only has no psi_B: it takes psi_{t-1} (unchanged)
+        inv = torch.rsqrt((psi_b if count > 0 else _as(phi, cd)) + eps)
+        y = passes.forward(x, weights, groups, eps, w * inv, b, sums=False)[0]
+    return y, w, inv, r, count, rows, new_phi, ok, saved
+
+
+def _backward_math(passes, dy, x, r, weights, count, rows, w, inv, nu, saved, mode, groups,
+                   alpha_bkw, group):
+    """The backward of one training call, without side effects.
+
+    Returns (dx, dL/dgamma, dL/dbeta, new nu); the new nu is None where nu does not move.
+    """
+    # Every mode: dx = the input gradient of dz = a * dy - b * z, the b term on token rows
+    # only (official: all rows), with the sums over token rows and over all rows of
+    # dy * z (gamma's gradient takes all) and of dy (beta's gradient).
+    token_rows = mode == "paper"  # Lambda over tokens: the token sum of dy z
+
+    def grad(a, b_coef, b_all_rows=False, sums=True):
+        return passes.backward(dy, x, r, weights, groups, a, b_coef, b_all_rows, sums, token_rows)
+
+    a = w * inv
+    new_nu = None
+    if count == 0:
+        dx, token_dz, all_dz, dy_sum = grad(a, torch.zeros_like(a))
+    elif mode == "vanilla":
+        # exact gradient through psi_B: b = gamma inv^3 (1/N) sum_n dy_n z_n, so the
+        # sums come first and the input gradient second
+        _, token_dz, all_dz, dy_sum = passes.backward(dy, x, r, weights, groups, token_rows=False)
+        total = all_reduce_sum(all_dz, group, copy=True)
+        dx = grad(a, w * inv.pow(3) * total / count, sums=False)[0]
+    else:
+        nu = _as(nu, inv.dtype)
+        if mode == "paper":
+            (psi_b,) = saved
+            inv_sq = inv * inv
+            dx, token_dz, all_dz, dy_sum = grad(a, nu * inv_sq)
+            gamma_t = inv_sq * psi_b  # mean_tokens zhat^2
+            lambda_t = a * all_reduce_sum(token_dz, group, copy=True) / count
+        else:  # official: divided by the batch psi_B; Gamma, Lambda over every row
+            all_sq, inv_b = saved
+            dx, token_dz, all_dz, dy_sum = grad(w * inv_b, nu * inv * inv_b, b_all_rows=True)
+            gamma_t = inv * inv * all_sq / rows
+            lambda_t = a * all_reduce_sum(all_dz, group, copy=True) / rows
+        new_nu = _new_running_nu(nu, gamma_t, lambda_t, alpha_bkw)
+    return dx, all_dz * inv, dy_sum, new_nu
+
+
+_compiled = {}
+
+
+def _compiled_math(fn):
+    """``fn`` compiled by torch.compile (once per process), for the ``compiled`` backend."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
 
 
 def _not_finite(name, when):
@@ -193,46 +232,46 @@ def _as(tensor, dtype):
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _synchronized(token_sq, all_sq, mask, group, mode):
+def _synchronized(token_sq, all_sq, count, rows, group, mode):
     """(token count, row count, token sum of z^2, all-row sum of z^2) over the process group.
 
     One all-reduce carries the token sum and the token count and, for the official mode,
-    the all-row sum and the row count. Without a group the counts come from the mask.
+    the all-row sum and the row count. Without a group they are returned as they are.
     """
     if group is None:
-        return mask.count, mask.rows, token_sq, all_sq
+        return count, rows, token_sq, all_sq
     C = token_sq.numel()
-    parts = [token_sq, token_sq.new_tensor([mask.count])]
+    parts = [token_sq, token_sq.new_tensor([count])]
     if mode == "official":
-        parts += [all_sq, token_sq.new_tensor([mask.rows])]
+        parts += [all_sq, token_sq.new_tensor([rows])]
     stats = all_reduce_sum(torch.cat(parts), group)
     rows = float(stats[2 * C + 1]) if mode == "official" else None
     return float(stats[C]), rows, stats[:C], stats[C + 1 : 2 * C + 1]
 
 
-def _update_running_phi(running_phi, psi_b, step, warm, cfg):
-    """psi^2 <- cumulative mean of psi_B^2 during warm-up, a_f psi^2 + (1 - a_f) psi_B^2 after.
+def _new_running_phi(phi, psi_b, step, warm, mode, alpha_fwd):
+    """psi^2 moved to the cumulative mean of psi_B^2 during warm-up, by a_f psi^2 + (1 - a_f)
+    psi_B^2 after; the official mode applies the EMA during warm-up as well, after the mean.
 
-    The official mode applies the EMA during warm-up as well, after the cumulative mean.
     Both are linear interpolations: the mean moves 1/step of the way to psi_B^2.
     """
-    psi_b = _as(psi_b, running_phi.dtype)
+    psi_b = _as(psi_b, phi.dtype)
     if warm:
-        running_phi.lerp_(psi_b, 1.0 / step)
-    if not warm or cfg.mode == "official":
-        running_phi.lerp_(psi_b, 1.0 - cfg.alpha_fwd)
+        phi = torch.lerp(phi, psi_b, 1.0 / step)
+    if not warm or mode == "official":
+        phi = torch.lerp(phi, psi_b, 1.0 - alpha_fwd)
+    return phi
 
 
-def _update_running_nu(running_nu, nu, gamma_t, lambda_t, alpha_bkw):
-    """nu <- nu (1 - (1 - a_b) Gamma) + (1 - a_b) Lambda, left unchanged where not finite.
+def _new_running_nu(nu, gamma_t, lambda_t, alpha_bkw):
+    """nu (1 - (1 - a_b) Gamma) + (1 - a_b) Lambda, or nu where that is not finite.
 
     Computed as nu + (1 - a_b) (Lambda - nu Gamma). Non-finite gradients are expected under
     fp16 loss scaling (fairseq then skips the step and lowers the scale): they must not
     poison nu, and checking needs no host sync.
     """
     new = torch.add(nu, torch.addcmul(lambda_t, nu, gamma_t, value=-1.0), alpha=1.0 - alpha_bkw)
-    torch.where(new.abs() < math.inf, new, nu, out=new)  # False for NaN and for +-Inf
-    running_nu.copy_(new)
+    return torch.where(new.abs() < math.inf, new, nu)  # False for NaN and for +-Inf
 
 
 class PowerNorm(FP32BuffersMixin, nn.Module):
