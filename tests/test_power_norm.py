@@ -10,6 +10,8 @@ from reference_powernorm import powernorm_step
 T, B, C = 7, 5, 12
 GROUPS = [None, 3]
 MODES = ["paper", "official", "vanilla"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
 def random_batch(gen, dtype=torch.float64, pad_frac=0.3):
@@ -140,16 +142,17 @@ def test_vanilla_weight_and_bias_gradients_match_autograd():
     torch.testing.assert_close(db, b.grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-def test_state_dict_round_trip_mid_training_continues_bit_for_bit(mode):
+def test_state_dict_round_trip_mid_training_continues_bit_for_bit(mode, device):
     gen = torch.Generator().manual_seed(7)
-    batches = [random_batch(gen, torch.float32) for _ in range(6)]
-    a = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4)
+    batches = [tuple(t.to(device) for t in random_batch(gen, torch.float32)) for _ in range(6)]
+    a = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4).to(device)
     for x, pad, dy in batches[:3]:
         run_module_step(a, x, pad, dy)
     saved = copy.deepcopy(a.state_dict())
     assert set(saved) == {"weight", "bias", "running_phi", "running_nu", "num_steps"}
-    b = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4)
+    b = PowerNorm(C, mode=mode, group_num=3, warmup_updates=4).to(device)
     b.load_state_dict(saved)
     for x, pad, dy in batches[3:]:  # crosses the end of warm-up
         ra = run_module_step(a, x, pad, dy)
