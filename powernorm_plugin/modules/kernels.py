@@ -15,8 +15,8 @@ with the optional per-token group RMS scaling folded in:
 ``y``/``dx`` are skipped (None) when ``scale``/``a`` is None, the sums when ``sums`` is false;
 a caller that needs no all-row sum of z^2 (``all_rows=False``), or no token sum of dy z
 (``token_rows=False``), lets a backend skip it (it may return None there).
-m_n is ``weights`` (1 for tokens, 0 for padding; None: every row is a token); statistics are fp32 (fp64 for fp64
-input) whatever the activation dtype. Callers that know ``scale``/``a`` before the sums get
+m_n is ``weights`` (1 for tokens, 0 for padding; None: every row is a token); statistics are
+fp32 (fp64 for fp64 input) whatever the activation dtype. Callers that know ``scale``/``a`` before the sums get
 everything from one pass; where the scale depends on the sums (warm-up, PN-V) they call twice.
 
 * ``native``: hand-written C++ (``csrc/power_norm_cpu.cpp``, CPU only), one read of the
@@ -229,7 +229,8 @@ class TracedPasses:
 
 
 class CompiledKernels(EagerKernels):
-    """The passes, and the group scaling, compiled by torch.compile.
+    """The passes traced into PowerNorm's compiled training step, and the stand-alone group
+    scaling compiled by torch.compile.
 
     PowerNorm compiles its whole training step around the passes (``compiles_steps``): on
     a GPU every eager op is a kernel launch and a few microseconds of host time, so the
@@ -243,18 +244,9 @@ class CompiledKernels(EagerKernels):
 
     def __init__(self):
         compile_ = lambda f: torch.compile(f, dynamic=True)  # noqa: E731
-        self._forward_pass = compile_(_forward_pass)
-        self._backward_pass = compile_(_backward_pass)
         self.scale_shift = compile_(_scale_shift)
         self.group_scale = compile_(_group_scale)
         self.group_scale_grad = compile_(_group_scale_grad)
-
-    def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
-        return self._forward_pass(x, weights, groups or 0, eps, scale, shift, sums, all_rows)
-
-    def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
-                 token_rows=True):
-        return self._backward_pass(dy, x, r, weights, a, b, b_all_rows, sums, token_rows)
 
 
 EAGER = EagerKernels()
