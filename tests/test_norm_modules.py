@@ -141,6 +141,33 @@ def test_nan_input_is_refused_not_folded_into_statistics(make):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("mode", ["paper", "official", "vanilla"])
+def test_deferred_nan_report_keeps_statistics_clean_and_names_the_layer(mode, monkeypatch):
+    # what a CUDA device does (reporting at the next call, so that no step waits for the
+    # device), run here on the CPU
+    from powernorm_plugin.modules import power_norm
+
+    monkeypatch.setattr(power_norm, "defers_checks", lambda x: True)
+    norm = PowerNorm(C, mode=mode, warmup_updates=2)
+    norm.name = "encoder.layers.0.final_layer_norm"
+    norm(torch.randn(T, B, C))  # one clean step
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = torch.randn(T, B, C)
+    x[2, 1, 3] = float("nan")
+    norm(x)  # no error yet, and nothing folded into the statistics
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm.*previous"):
+        norm(torch.randn(T, B, C))
+    clean = PowerNorm(C, mode=mode, warmup_updates=2)  # the layer goes on from its clean state
+    clean.load_state_dict(before)
+    batch = torch.randn(T, B, C)
+    torch.testing.assert_close(norm(batch), clean(batch))
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, clean.state_dict()[k]), k
+    assert int(norm.num_steps) == 2
+
+
 def test_unknown_mode_kind_and_options():
     with pytest.raises(ValueError, match="paper, official, vanilla"):
         PowerNorm(C, mode="fast")

@@ -54,30 +54,38 @@ class StepCounter:
 
 
 class DeferredFiniteCheck:
-    """A 0-d bool on a CUDA device, read on the host one call later without waiting.
+    """A 0-d bool on the device, read on the host one call later without waiting.
 
-    :meth:`record` queues a copy of the flag into pinned host memory behind the current
+    For a CUDA flag, :meth:`record` queues a copy into pinned host memory behind the current
     work, with an event after it; :meth:`failed` (called at the start of the next call,
     when the device has long finished that copy) waits on the event and reads the copy.
+    A flag on the CPU is simply kept until then.
     """
 
     def __init__(self):
         self._flag = self._event = None
+        self._pending = False
 
     def __reduce__(self):
         return type(self), ()
 
     def record(self, ok):
-        if self._flag is None:
-            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        self._flag.copy_(ok, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        if ok.is_cuda:
+            if self._flag is None or not self._flag.is_pinned():
+                self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._flag.copy_(ok, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._flag, self._event = ok, None
+        self._pending = True
 
     def failed(self):
         """Whether the last recorded flag was False (and forget it)."""
-        if self._event is None:
+        if not self._pending:
             return False
-        self._event.synchronize()
-        self._event = None
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        self._pending = False
         return not bool(self._flag)
