@@ -63,29 +63,28 @@ class DeferredFiniteCheck:
     """
 
     def __init__(self):
-        self._flag = self._event = None
-        self._pending = False
+        self._pinned = self._flag = self._event = None
 
     def __reduce__(self):
         return type(self), ()
 
     def record(self, ok):
         if ok.is_cuda:
-            if self._flag is None or not self._flag.is_pinned():
-                self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._flag.copy_(ok, non_blocking=True)
+            if self._pinned is None:
+                self._pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._pinned.copy_(ok, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
+            self._flag = self._pinned
         else:
             self._flag, self._event = ok, None
-        self._pending = True
 
     def failed(self):
         """Whether the last recorded flag was False (and forget it)."""
-        if not self._pending:
+        if self._flag is None:
             return False
         if self._event is not None:
             self._event.synchronize()
             self._event = None
-        self._pending = False
-        return not bool(self._flag)
+        flag, self._flag = self._flag, None
+        return not bool(flag)
