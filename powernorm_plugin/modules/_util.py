@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .host_mirrors import dead_ref
+
 
 def compute_dtype(x):
     """Statistics are accumulated in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64."""
@@ -78,12 +80,8 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
     return mask
 
 
-def _dead():
-    return None
-
-
 #: (weak reference to the last padding mask seen, (its version, device, dtype), its TokenMask)
-_last_mask = [(_dead, None, None)]
+_last_mask = [(dead_ref, None, None)]
 
 
 def distributed_world(enabled, group=None):

@@ -11,7 +11,8 @@ import weakref
 import torch
 
 
-def _dead():
+def dead_ref():
+    """What a weak reference to a collected object returns: a reference that matches nothing."""
     return None
 
 
@@ -25,7 +26,7 @@ class StepCounter:
     """
 
     def __init__(self):
-        self._source, self._version, self._value = _dead, None, 0
+        self._source, self._version, self._value = dead_ref, None, 0
 
     def __reduce__(self):
         return type(self), ()
@@ -50,7 +51,7 @@ class StepCounter:
 
     def forget(self):
         """Read the buffer again next time (after an increment the host could not know)."""
-        self._source = _dead
+        self._source = dead_ref
 
 
 class DeferredFiniteCheck:

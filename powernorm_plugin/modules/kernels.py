@@ -122,17 +122,10 @@ def column_product_sums(a, b, weights, all_rows=True):
     """(sum_n m_n a_n b_n, sum_n a_n b_n) per column of two (N, C) tensors; with
     ``all_rows=False`` the second may be None.
 
-    On the CPU the product is formed and reduced one cache-sized block of rows at a time (a
-    product row block, then a matrix-vector product with the token indicator), so it is never
-    written out in full: one read of a and b from memory instead of three passes. On other
-    devices, where each op is a kernel launch, it is one product and one or two reductions,
-    and no op waits for the device.
+    The product is formed and reduced one cache-sized block of rows at a time (a product row
+    block, then a matrix-vector product with the token indicator), so it is never written
+    out in full: one read of a and b from memory instead of three passes.
     """
-    if a.device.type != "cpu":
-        prod = a * b
-        total = prod.sum(0) if all_rows or weights is None else None
-        token = total if weights is None else weights @ prod
-        return token, total
     n, c = a.shape
     rows = max(1, _CHUNK_ELEMENTS // max(c, 1))
     token = a.new_zeros(c)
@@ -151,7 +144,10 @@ def column_product_sums(a, b, weights, all_rows=True):
 
 
 class EagerKernels:
-    """One PyTorch op per term; on the CPU, padding handled by row indexing."""
+    """One PyTorch op per term. On the CPU the column sums go by cache-sized blocks of rows
+    and padding is handled by row indexing; elsewhere finding those rows would wait for the
+    device, and every op is a kernel launch, so the passes are the plain formulas of
+    :class:`TracedPasses`."""
 
     name = "eager"
     compiles_steps = False  # PowerNorm runs its training step around these passes eagerly
@@ -161,6 +157,8 @@ class EagerKernels:
         return self
 
     def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+        if x.device.type != "cpu":
+            return TRACED.forward(x, weights, groups, eps, scale, shift, sums, all_rows)
         z, r = self.group_scale(x, groups, eps) if groups else (x.to(compute_dtype(x)), None)
         token_sq = all_sq = None
         if sums:
@@ -170,6 +168,8 @@ class EagerKernels:
 
     def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
                  token_rows=True):
+        if x.device.type != "cpu":
+            return TRACED.backward(dy, x, r, weights, groups, a, b, b_all_rows, sums, token_rows)
         z = self.scaled_input(x, r) if groups else x.to(compute_dtype(x))
         token_dz = all_dz = dy_sum = None
         if sums:
@@ -190,14 +190,10 @@ class EagerKernels:
     def input_grad(dy, z, weights, a, b, r, dtype):
         """dz_n = a * dy_n - m_n * b * z_n (weights None: every row takes the b term), then
         through the group scaling when r is given; in ``dtype``."""
-        dz = dy.to(a.dtype) * a
-        if weights is None:
-            dz.sub_(z * b)
-        elif z.device.type != "cpu":  # no row indices: finding them waits for the device
-            dz.sub_((z * b).mul_(weights[:, None]))
-        else:
+        dz = (dy.to(a.dtype) * a).sub_(z * b)
+        if weights is not None:
             pad = pad_rows(weights)
-            dz.sub_(z * b).index_add_(0, pad, z[pad] * b)
+            dz.index_add_(0, pad, z[pad] * b)
         return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
 
     @staticmethod
@@ -228,6 +224,9 @@ class TracedPasses:
         return _backward_pass(dy, x, r, weights, a, b, b_all_rows, sums, token_rows)
 
 
+TRACED = TracedPasses()
+
+
 class CompiledKernels(EagerKernels):
     """The passes traced into PowerNorm's compiled training step, and the stand-alone group
     scaling compiled by torch.compile.
@@ -240,7 +239,7 @@ class CompiledKernels(EagerKernels):
 
     name = "compiled"
     compiles_steps = True
-    passes = TracedPasses()
+    passes = TRACED
 
     def __init__(self):
         compile_ = lambda f: torch.compile(f, dynamic=True)  # noqa: E731

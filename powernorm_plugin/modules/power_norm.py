@@ -98,8 +98,7 @@ class PowerNormFunction(torch.autograd.Function):
         step = cfg.steps.value(num_steps) + 1 if cfg.warmup_updates else None
         warm = step is not None and step <= cfg.warmup_updates
         use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
-        math_ = _compiled_math(_forward_math, cfg) if k.compiles_steps and group is None else _forward_math
-        y, w, inv, r, count, rows, new_phi, ok, saved = math_(
+        y, w, inv, r, count, rows, new_phi, ok, saved = _step_math(_forward_math, cfg, group)(
             k.passes, x, mask.weights, mask.count, mask.rows, weight, bias, running_phi, step,
             warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.groups, group)
         if new_phi is not None:
@@ -123,8 +122,7 @@ class PowerNormFunction(torch.autograd.Function):
         cfg, k = ctx.cfg, ctx.cfg.kernels
         x, w, inv, *saved = ctx.saved_tensors
         r = saved.pop(0) if ctx.has_r else None
-        math_ = _compiled_math(_backward_math, cfg) if k.compiles_steps and ctx.group is None else _backward_math
-        dx, grad_w, grad_b, new_nu = math_(
+        dx, grad_w, grad_b, new_nu = _step_math(_backward_math, cfg, ctx.group)(
             k.passes, dy.contiguous(), x, r, ctx.weights, ctx.count, ctx.rows, w, inv,
             ctx.running_nu, tuple(saved), cfg.mode, cfg.groups, cfg.alpha_bkw, ctx.group)
         if new_nu is not None:
@@ -214,6 +212,12 @@ def _backward_math(passes, dy, x, r, weights, count, rows, w, inv, nu, saved, mo
 
 
 _compiled = {}
+
+
+def _step_math(fn, cfg, group):
+    """``fn`` as the layer's backend runs it: compiled for the ``compiled`` backend (except
+    with a process group, whose all-reduce stays outside any graph), else as it is."""
+    return _compiled_math(fn, cfg) if cfg.kernels.compiles_steps and group is None else fn
 
 
 def _compiled_math(fn, cfg):
