@@ -15,7 +15,7 @@ beside each time; ``--malloc default`` leaves glibc as it is. Run:
 
     python benchmarks/norm_speed.py                 # CPU, and CUDA when available
     python benchmarks/norm_speed.py --device cpu --shapes 64x64x512 32x128x1024
-    python benchmarks/norm_speed.py --device cuda --backends compiled eager --launches
+    python benchmarks/norm_speed.py --device cuda --backends native compiled eager --launches
 
 On a GPU at these shapes a layer's time is mostly the host's: launching kernels and running
 the Python around them. ``--launches`` adds, per layer, the CUDA kernels one step launches,
@@ -48,8 +48,6 @@ def layers(C, heads, backends, device):
     yield "LayerNorm", torch.nn.LayerNorm(C), False
     yield "MaskedBatchNorm", MaskedBatchNorm(C), True
     for backend in backends:
-        if backend == "native" and device.type != "cpu":
-            continue  # the hand-written kernels are CPU-only
         for mode in ("paper", "official", "vanilla"):
             yield f"PowerNorm[{mode}] {backend}", PowerNorm(C, mode=mode, backend=backend), True
         yield (f"PowerNorm[paper,group_num={heads}] {backend}",
@@ -175,7 +173,7 @@ def main():
     p.add_argument("--heads", type=int, default=8, help="group_num for the group-scaled variant")
     p.add_argument("--backends", nargs="+", default=["native", "compiled", "eager"],
                    choices=["native", "compiled", "eager"],
-                   help="PowerNorm backends to measure (native: CPU only)")
+                   help="PowerNorm backends to measure")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
                    help="cpu: this process's CPU time (CPU device only), which other load on "

@@ -25,7 +25,7 @@ def on_gpu(batch, dtype):
 
 @pytest.mark.parametrize("groups", [None, 3])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("backend", ["compiled", "eager"])
+@pytest.mark.parametrize("backend", ["native", "compiled", "eager"])
 def test_matches_equations_over_consecutive_steps_on_gpu(mode, groups, backend):
     gen = torch.Generator().manual_seed(1)
     pn = PowerNorm(C, mode=mode, group_num=groups, warmup_updates=2, alpha_fwd=0.8,
@@ -47,18 +47,43 @@ def test_matches_equations_over_consecutive_steps_on_gpu(mode, groups, backend):
         assert int(pn.num_steps) == state["step"]
 
 
+@pytest.mark.parametrize("backend", ["native", "compiled"])
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
-def test_half_precision_on_gpu_keeps_fp32_statistics_and_matches_eager(half):
+def test_half_precision_on_gpu_keeps_fp32_statistics_and_matches_eager(half, backend):
     gen = torch.Generator().manual_seed(11)
     batches = [on_gpu(random_batch(gen, torch.float32), half) for _ in range(3)]
     results = []
-    for backend in ("eager", "compiled"):
+    for backend in ("eager", backend):
         pn = PowerNorm(C, group_num=3, backend=backend).to(CUDA).to(half)
         assert pn.running_phi.dtype == torch.float32 and pn.weight.dtype == half
         results.append(run_module_steps(pn, batches))
     for e, c in zip(*results):
         assert e.dtype == c.dtype and torch.isfinite(c).all()
         torch.testing.assert_close(e.float(), c.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("C_big,groups,dtype", [
+    (512, None, torch.float32), (2560, 8, torch.float32), (1024, 16, torch.bfloat16),
+    (96, 3, torch.float64)])
+def test_native_kernels_match_eager_at_model_widths(mode, C_big, groups, dtype):
+    # the fused kernels keep up to 8 columns per thread, in blocks of 256 or (C > 2048) 512
+    gen = torch.Generator().manual_seed(6)
+    T_big, B_big = 37, 11
+    pad = torch.zeros(B_big, T_big, dtype=torch.bool)
+    pad[2:, -5:] = True
+    batches = [((torch.randn(T_big, B_big, C_big, generator=gen) * 2 + 0.5).to(CUDA, dtype),
+                pad.to(CUDA), torch.randn(T_big, B_big, C_big, generator=gen).to(CUDA, dtype))
+               for _ in range(3)]
+    results = []
+    for backend in ("eager", "native"):
+        pn = PowerNorm(C_big, mode=mode, group_num=groups, warmup_updates=1,
+                       backend=backend).to(CUDA, dtype)
+        results.append(run_module_steps(pn, batches) + [pn.num_steps])
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float64: 1e-10}[dtype]
+    for e, n in zip(*results):
+        torch.testing.assert_close(n.float() if dtype == torch.bfloat16 else n,
+                                   e.float() if dtype == torch.bfloat16 else e, rtol=tol, atol=tol)
 
 
 def test_gpu_and_cpu_training_agree_and_checkpoints_move_between_them():
@@ -105,7 +130,7 @@ def test_nan_input_on_gpu_is_refused_and_not_folded_into_statistics(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("backend", ["compiled", "eager"])
+@pytest.mark.parametrize("backend", ["native", "compiled", "eager"])
 def test_training_step_on_gpu_never_waits_for_the_device(mode, backend):
     # after the first calls (which read the step counter and count the mask's tokens), a
     # training step only queues work: torch reports any host-device synchronization
@@ -138,10 +163,11 @@ def test_masked_batch_norm_on_gpu_matches_cpu():
         torch.testing.assert_close(v.cpu(), cpu.state_dict()[k], rtol=1e-5, atol=1e-5)
 
 
-def test_vanilla_gradcheck_on_gpu():
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_vanilla_gradcheck_on_gpu(backend):
     gen = torch.Generator().manual_seed(2)
     x, pad, _ = random_batch(gen)
-    pn = PowerNorm(C, mode="vanilla", group_num=3, backend="eager").to(CUDA).double()
+    pn = PowerNorm(C, mode="vanilla", group_num=3, backend=backend).to(CUDA).double()
     pad = pad.to(CUDA)
     torch.autograd.gradcheck(lambda t: pn(t, pad), (x.to(CUDA).requires_grad_(True),))
 

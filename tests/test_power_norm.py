@@ -40,6 +40,17 @@ def run_module_steps(pn, batches):
     return outs + [pn.running_phi, pn.running_nu]
 
 
+def layer_backend(backend, monkeypatch):
+    """The backend name for PowerNorm; ``native-aten`` is the native C++ step with the ATen
+    passes that it runs off the CPU, forced onto CPU tensors."""
+    if backend == "native-aten":
+        from powernorm_plugin.modules.native_kernels import NativeKernels
+
+        monkeypatch.setattr(NativeKernels, "sweeps", False)
+        return "native"
+    return backend
+
+
 @pytest.mark.parametrize("groups", GROUPS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend,dtype,tol", [
@@ -47,9 +58,12 @@ def run_module_steps(pn, batches):
     ("eager", torch.float32, 2e-4),
     ("native", torch.float64, 1e-10),
     ("native", torch.float32, 2e-4),
+    ("native-aten", torch.float64, 1e-10),
+    ("native-aten", torch.float32, 2e-4),
     pytest.param("compiled", torch.float32, 2e-4, marks=pytest.mark.slow),
 ])
-def test_matches_equations_over_consecutive_steps(mode, groups, backend, dtype, tol):
+def test_matches_equations_over_consecutive_steps(mode, groups, backend, dtype, tol, monkeypatch):
+    backend = layer_backend(backend, monkeypatch)
     gen = torch.Generator().manual_seed(1)
     warmup = 2
     pn = PowerNorm(C, mode=mode, group_num=groups, warmup_updates=warmup, alpha_fwd=0.8,
@@ -161,6 +175,24 @@ def test_state_dict_round_trip_mid_training_continues_bit_for_bit(mode, device):
             assert torch.equal(u, v)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_step_mirror_follows_one_increment_per_call_and_rereads_anything_else():
+    from powernorm_plugin.modules.host_mirrors import StepCounter
+
+    steps, num_steps = StepCounter(), torch.zeros((), dtype=torch.long)
+    assert steps.value(num_steps) == 0
+    version = num_steps._version
+    num_steps.add_(1)  # what a training call does (in place, or in a kernel that bumps the version)
+    steps.moved(num_steps, version)
+    assert steps.value(num_steps) == 1
+    steps.moved(num_steps, num_steps._version)  # a call that did not count (no tokens)
+    assert steps.value(num_steps) == 1
+    version = num_steps._version
+    num_steps.add_(1)
+    num_steps.add_(5)  # something else changed it too: read again
+    steps.moved(num_steps, version)
+    assert steps.value(num_steps) == 7
 
 
 def test_reloaded_or_edited_step_count_is_seen_by_the_next_call():
@@ -351,11 +383,39 @@ def test_auto_backend_falls_back_with_a_warning_where_kernels_cannot_be_built(mo
     assert torch.isfinite(x.grad).all() and int(pn.num_steps) == 1
 
 
-def test_native_backend_refuses_tensors_off_the_cpu():
-    from powernorm_plugin.modules.kernels import kernels_for
+@pytest.mark.parametrize("backend", ["native", "native-aten"])
+def test_native_step_on_a_batch_of_padding_only_and_without_affine(backend, monkeypatch):
+    # no tokens: y takes psi_{t-1}, nothing moves; affine=False: no parameter gradients
+    backend = layer_backend(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(8)
+    x, _, dy = random_batch(gen)
+    pad = torch.ones(B, T, dtype=torch.bool)
+    results = []
+    for name in ("eager", backend):
+        pn = PowerNorm(C, affine=False, warmup_updates=2, backend=name).double()
+        pn.running_phi.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
+        pn.running_nu.fill_(0.25)
+        xg = x.clone().requires_grad_(True)
+        y = pn(xg, pad)
+        y.backward(dy)
+        results.append([y, xg.grad, pn.running_phi, pn.running_nu, pn.num_steps])
+    for e, n in zip(*results):
+        torch.testing.assert_close(n, e, rtol=1e-12, atol=1e-12)
+    assert int(results[1][-1]) == 0
 
-    with pytest.raises(ValueError, match="native.*CPU only.*meta"):
-        kernels_for("native", torch.device("meta"))
+
+def test_native_step_refuses_the_cpu_sweeps_for_tensors_off_the_cpu():
+    from powernorm_plugin.modules.native_kernels import NativeKernels
+
+    ops = NativeKernels().ops
+    x = torch.ones(4, C, device="meta")
+    buffers = torch.ones(C), torch.zeros(C), torch.zeros((), dtype=torch.long)
+    with pytest.raises(RuntimeError, match="one-sweep passes run on CPU tensors only.*meta"):
+        ops.train_step(x, None, None, *buffers, None, 4, 4, 0, False, False, "paper", 1e-5,
+                       0.9, 0.9, 0, True)
+    with pytest.raises(RuntimeError, match="mode must be one of paper, official, vanilla"):
+        ops.train_step(torch.ones(4, C), None, None, *buffers, None, 4, 4, 0, False, False,
+                       "pape", 1e-5, 0.9, 0.9, 0, True)
 
 
 def test_build_norm_kinds():

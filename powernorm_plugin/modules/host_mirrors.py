@@ -43,11 +43,17 @@ class StepCounter:
 
     def add(self, num_steps, increment=1):
         """num_steps += increment (an int, or a 0-d tensor the host assumes to be 1)."""
-        current = self._current(num_steps)
+        version = num_steps._version
         num_steps.add_(increment)
-        if current:
-            self._value += 1
-            self._version = num_steps._version
+        self.moved(num_steps, version)
+
+    def moved(self, num_steps, version):
+        """Follow what one training call did to the buffer since its ``version``: nothing, or
+        one in-place increment (by 1, or by a 0-d tensor the host assumes to be 1)."""
+        if self._source() is num_steps and self._version == version:
+            if num_steps._version == version + 1:
+                self._value += 1
+                self._version = version + 1
 
     def forget(self):
         """Read the buffer again next time (after an increment the host could not know)."""
@@ -64,7 +70,7 @@ class DeferredFiniteCheck:
     """
 
     def __init__(self):
-        self._pinned = self._flag = self._event = None
+        self._pinned = self._flag = self._event = self._recorder = None
 
     def __reduce__(self):
         return type(self), ()
@@ -74,8 +80,10 @@ class DeferredFiniteCheck:
             if self._pinned is None:
                 self._pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._pinned.copy_(ok, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+            if self._recorder is None or self._recorder[0] != ok.device:
+                self._recorder = ok.device, torch.cuda.Event()  # an event is bound to its device
+            self._recorder[1].record()
+            self._event = self._recorder[1]
             self._flag = self._pinned
         else:
             self._flag, self._event = ok, None

@@ -151,6 +151,7 @@ class EagerKernels:
 
     name = "eager"
     compiles_steps = False  # PowerNorm runs its training step around these passes eagerly
+    train_step = None  # no training step of its own: PowerNorm's Python step calls the passes
 
     @property
     def passes(self):
@@ -290,8 +291,8 @@ _chosen = {}  # (backend, $POWERNORM_BACKEND, device type) -> kernels: layers as
 def kernels_for(backend, device=None):
     """The kernels for ``backend`` on ``device`` (default CPU).
 
-    A named backend that cannot run raises; ``auto`` takes ``native`` on CPU and
-    ``compiled`` elsewhere, and falls back (compiled, then eager) with one warning.
+    A named backend that cannot run raises; ``auto`` takes ``native``, on any device, and
+    falls back (compiled, then eager) with one warning.
     """
     if device is None:
         device_type = "cpu"
@@ -307,18 +308,14 @@ def kernels_for(backend, device=None):
 def _choose(backend, device_type):
     """kernels_for, uncached."""
     backend = resolve_backend(backend)
-    on_cpu = device_type == "cpu"
     if backend == "eager":
         return EAGER
-    if backend == "native" and not on_cpu:
-        raise ValueError("PowerNorm backend='native' runs on CPU only; the input is on "
-                         f"{device_type} (use backend='compiled' or 'auto')")
     if backend != "auto":
         kernels = _build(backend)
         if kernels is None:
             raise RuntimeError(f"PowerNorm backend={backend!r} is unavailable here: {_built[backend]}")
         return kernels
-    for name in ("native", "compiled") if on_cpu else ("compiled",):
+    for name in ("native", "compiled"):
         kernels = _build(name)
         if kernels is not None:
             return kernels

@@ -24,7 +24,10 @@ from .kernels import EagerKernels
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "power_norm_cpu.cpp")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = [os.path.join(CSRC, name) for name in ("power_norm_cpu.cpp", "power_norm_step.cpp")]
+CUDA_SOURCE = os.path.join(CSRC, "power_norm_cuda.cu")
+HEADERS = [os.path.join(CSRC, name) for name in ("power_norm_cpu.h", "power_norm_cuda.h")]
 NAME = "powernorm_plugin_cpu"
 
 
@@ -44,47 +47,93 @@ def cache_dir():
     return os.path.join(root, "powernorm_plugin")
 
 
-def library_path(cflags):
-    """The cached library for this source, these flags and this torch build."""
+def cuda_target():
+    """The GPU to build the fused CUDA kernels for ("sm_90" and the like), or None: without a
+    CUDA build of torch, a device or CUDA's compiler the library is built for the CPU only
+    (its step then runs on ATen's operators on a GPU)."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def library_path(cflags, cuda=None):
+    """The cached library for these sources, these flags, this torch build and GPU target."""
     key = hashlib.sha256()
-    with open(SOURCE, "rb") as f:
-        key.update(f.read())
-    for part in (*cflags, torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI), platform.machine()):
+    for source in SOURCES + HEADERS + ([CUDA_SOURCE] if cuda else []):
+        with open(source, "rb") as f:
+            key.update(f.read())
+    for part in (*cflags, torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI),
+                 platform.machine(), cuda or "cpu"):
         key.update(b"\0" + part.encode())
     return os.path.join(cache_dir(), key.hexdigest()[:16], f"{NAME}.so")
 
 
 def load_library():
-    """Load the library (building it first if needed); returns torch.ops.powernorm_plugin."""
+    """Load the library (building it first if needed); returns torch.ops.powernorm_plugin.
+
+    Where the CUDA kernels fail to build, says so once and builds the library without them.
+    """
+    cuda = cuda_target()
+    if cuda is not None:
+        try:
+            return _load(cuda)
+        except Exception as err:  # noqa: BLE001  (any build failure: the CPU-only library)
+            text = str(err).strip().splitlines()
+            logger.warning("powernorm_plugin: PowerNorm's CUDA kernels did not build (%s); its "
+                           "native step runs on ATen's operators on the GPU", text[-1] if text else err)
+    return _load(None)
+
+
+def _load(cuda):
     cflags = ["-O3", "-fopenmp", *_isa_flags()]
-    path = library_path(cflags)
+    path = library_path(cflags, cuda)
     if os.path.exists(path):
         torch.ops.load_library(path)
         return torch.ops.powernorm_plugin
     from torch.utils.cpp_extension import load
 
-    logger.info("powernorm_plugin: building PowerNorm's CPU kernels (once, about 30 s) into %s",
-                os.path.dirname(path))
+    logger.info("powernorm_plugin: building PowerNorm's kernels (once, about 30 s%s) into %s",
+                ", longer with CUDA's" if cuda else "", os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    sources = SOURCES + ([CUDA_SOURCE] if cuda else [])
+    cuda_flags = ["-O3"] if cuda else None  # torch adds the -gencode of the visible GPU
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as build:
-        load(name=NAME, sources=[SOURCE], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-             build_directory=build, is_python_module=False, verbose=False)
+        load(name=NAME, sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
+             extra_ldflags=["-fopenmp"], build_directory=build, is_python_module=False,
+             verbose=False)
         os.replace(os.path.join(build, f"{NAME}.so"), path)  # atomic: readers see all or nothing
     return torch.ops.powernorm_plugin
 
 
 class NativeKernels(EagerKernels):
-    """PowerNorm's forward and backward, each one pass of hand-written C++ (see kernels.py).
+    """PowerNorm's training step as one C++ autograd function (``csrc/power_norm_step.cpp``)
+    whose passes on the CPU are each one sweep of hand-written C++ (see kernels.py); off the
+    CPU the passes are ATen operators, run from C++.
 
-    The stand-alone group scaling (:class:`GroupScaling`) keeps the eager formulas.
+    The passes are also PowerNorm's Python step's, for synchronized statistics (whose
+    all-reduce stays in Python); off the CPU those are the eager formulas. The stand-alone
+    group scaling (:class:`GroupScaling`) keeps the eager formulas.
     """
 
     name = "native"
+    sweeps = True  # the step's passes on CPU tensors: the one-sweep kernels (else ATen's ops)
 
     def __init__(self):
         self.ops = load_library()
 
+    def train_step(self, x, *args):
+        """torch.ops.powernorm_plugin.train_step on ``x`` and ``args`` (see the C++ file):
+        (y, a 0-d bool that says whether psi_B^2 was finite)."""
+        return self.ops.train_step(x, *args, self.sweeps and x.device.type == "cpu")
+
     def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
+        if x.device.type != "cpu":
+            return super().forward(x, weights, groups, eps, scale, shift, sums, all_rows)
         y, token_sq, all_sq, r = self.ops.forward(
             x, weights, groups or 0, eps, scale, shift, sums, all_rows)
         if weights is None:
@@ -94,6 +143,8 @@ class NativeKernels(EagerKernels):
 
     def backward(self, dy, x, r, weights, groups, a=None, b=None, b_all_rows=False, sums=True,
                  token_rows=True):
+        if x.device.type != "cpu":
+            return super().backward(dy, x, r, weights, groups, a, b, b_all_rows, sums, token_rows)
         dx, token_dz, all_dz, dy_sum = self.ops.backward(
             dy, x, r, weights, groups or 0, a, b, b_all_rows, sums, token_rows)
         if not sums:

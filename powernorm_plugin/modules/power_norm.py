@@ -87,17 +87,10 @@ class PowerNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
+    def forward(ctx, x, weight, bias, running_phi, running_nu, num_steps, mask, cfg, group):
         k = cfg.kernels
-        group = distributed_world(cfg.sync, cfg.process_group)
         deferred = defers_checks(x)
-        if deferred and cfg.checks.failed():
-            cfg.steps.forget()
-            raise FloatingPointError(_not_finite(cfg.name, "of its previous training call "))
-
-        step = cfg.steps.value(num_steps) + 1 if cfg.warmup_updates else None
-        warm = step is not None and step <= cfg.warmup_updates
-        use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
+        step, warm, use_batch = _call_plan(cfg, num_steps, deferred)
         y, w, inv, r, count, rows, new_phi, ok, saved = _step_math(_forward_math, cfg, group)(
             k.passes, x, mask.weights, mask.count, mask.rows, weight, bias, running_phi, step,
             warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.groups, group)
@@ -129,7 +122,40 @@ class PowerNormFunction(torch.autograd.Function):
             ctx.running_nu.copy_(new_nu)
         grad_w = _as(grad_w, ctx.weight_dtype) if ctx.weight_dtype is not None else None
         grad_b = _as(grad_b, ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dx, grad_w, grad_b, None, None, None, None, None
+        return dx, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _call_plan(cfg, num_steps, deferred):
+    """(step, warm, use_batch) of a training call: its 1-based step where warm-up needs it
+    (else None), whether it is a warm-up call, and whether it normalizes by the batch's own
+    psi_B. First raises the non-finite psi_B^2 of the previous call where that was deferred."""
+    if deferred and cfg.checks.failed():
+        cfg.steps.forget()
+        raise FloatingPointError(_not_finite(cfg.name, "of its previous training call "))
+    step = cfg.steps.value(num_steps) + 1 if cfg.warmup_updates else None
+    warm = step is not None and step <= cfg.warmup_updates
+    use_batch = (cfg.mode == "vanilla" or warm) and not cfg.causal
+    return step, warm, use_batch
+
+
+def _native_step(x, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
+    """A training call on the (T, B, C) ``x`` as the C++ autograd function of the native
+    backend (``csrc/power_norm_step.cpp``: the arithmetic of :func:`_forward_math` and
+    :func:`_backward_math`, buffer updates included); y."""
+    deferred = defers_checks(x)
+    step, warm, use_batch = _call_plan(cfg, num_steps, deferred)
+    version = num_steps._version
+    y, ok = cfg.kernels.train_step(
+        x, weight, bias, running_phi, running_nu, num_steps, mask.weights, mask.count,
+        mask.rows, step or 0, warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.alpha_bkw,
+        cfg.groups or 0)
+    if deferred:
+        cfg.checks.record(ok)
+    elif not ok:  # the step left psi^2 and num_steps as they were
+        cfg.steps.forget()
+        raise FloatingPointError(_not_finite(cfg.name, ""))
+    cfg.steps.moved(num_steps, version)
+    return y
 
 
 def _forward_math(passes, x, weights, count, rows, weight, bias, phi, step, warm, use_batch,
@@ -366,8 +392,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
     def forward(self, x, padding_mask=None):
         check_input(x, self.num_features, self.name)
         T, B, C = x.shape
-        z = x.reshape(T * B, C)
         if not self.training:
+            z = x.reshape(T * B, C)
             # Inference is a per-feature affine map: compiling it would cost more than it saves.
             if self.group_num is not None:
                 z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, EAGER)
@@ -377,8 +403,12 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
                               self.warmup_updates, self.group_num, self.sync, self.process_group,
                               self.causal, self.name, kernels_for(self.backend, x.device),
                               self._steps, self._checks)
-        y = PowerNormFunction.apply(z.contiguous(), self.weight, self.bias, self.running_phi,
-                                    self.running_nu, self.num_steps, mask, cfg)
+        buffers = (self.running_phi, self.running_nu, self.num_steps)
+        group = distributed_world(self.sync, self.process_group)
+        if cfg.kernels.train_step is not None and group is None:
+            return _native_step(x.contiguous(), self.weight, self.bias, *buffers, mask, cfg)
+        y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), self.weight, self.bias, *buffers, mask, cfg,
+                                    group)
         return y.view(T, B, C)
 
     def eval_affine(self, z):

@@ -37,6 +37,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "power_norm_cpu.h"
+
 namespace powernorm_plugin {
 namespace {
 
