@@ -35,3 +35,16 @@ def test_native_kernels_build_once_into_the_cache_and_leave_no_lock(tmp_path):
     assert [p.name for p in libraries] == ["powernorm_plugin_cpu.so"]  # no build folder or lock left
     second = load_in_fresh_process(tmp_path)
     assert "building" not in second
+
+
+def test_cache_key_names_the_gpu_architectures(monkeypatch):
+    # a library built with CUDA kernels for one GPU must never be handed to another
+    from powernorm_plugin.modules import native_kernels
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    flags = ["-O3"]
+    cpu, hopper = native_kernels.library_path(flags), native_kernels.library_path(flags, "sm_90")
+    assert len({cpu, hopper, native_kernels.library_path(flags, "sm_80+sm_90")}) == 3
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # torch's builder then compiles for these
+    assert native_kernels.library_path(flags) == cpu
+    assert native_kernels.library_path(flags, "sm_90") != hopper

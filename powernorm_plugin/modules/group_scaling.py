@@ -38,7 +38,7 @@ class GroupRMSScaleFunction(torch.autograd.Function):
 def group_rms_scale(x, groups, eps=1e-5, backend="auto"):
     """Apply per-token group RMS scaling to ``x`` of shape (..., C); C must divide by groups."""
     shape = x.shape
-    kernels = kernels_for(backend, x.device)
+    kernels = kernels_for(backend)
     z = GroupRMSScaleFunction.apply(x.reshape(-1, shape[-1]), groups, eps, kernels)
     return z.view(shape)
 

@@ -19,16 +19,21 @@ m_n is ``weights`` (1 for tokens, 0 for padding; None: every row is a token); st
 fp32 (fp64 for fp64 input) whatever the activation dtype. Callers that know ``scale``/``a`` before the sums get
 everything from one pass; where the scale depends on the sums (warm-up, PN-V) they call twice.
 
-* ``native``: hand-written C++ (``csrc/power_norm_cpu.cpp``, CPU only), one read of the
-  activations and one write per pass, like LayerNorm's fused kernel. Built on first use with
-  torch's extension builder (needs a C++ compiler and ninja), then cached.
+* ``native``: PowerNorm's whole training step as one C++ autograd function
+  (``csrc/power_norm_step.cpp``). Its passes are hand-written: on the CPU
+  (``csrc/power_norm_cpu.cpp``) one read of the activations and one write per pass, like
+  LayerNorm's fused kernel; on a GPU (``csrc/power_norm_cuda.cu``, where CUDA's compiler is
+  installed) one rows kernel and one small kernel for the statistics per direction. Built on
+  first use with torch's extension builder (needs a C++ compiler and ninja), then cached
+  (see native_kernels.py). Its passes are also what the Python step below calls with
+  synchronized statistics.
 * ``compiled``: each pass, and PowerNorm's whole training step around it (statistics and
   running buffers), compiled by ``torch.compile`` (Triton on GPU, C++ on CPU).
 * ``eager``: one PyTorch op per term; runs everywhere.
 
-``auto`` (the default) takes ``native`` on CPU and ``compiled`` on GPU, and falls back, with
-one warning, where building fails. ``$POWERNORM_BACKEND`` overrides ``auto`` for every layer.
-Figures in benchmarks/README.md.
+``auto`` (the default) takes ``native`` on every device and falls back (``compiled``, then
+``eager``), with one warning, where building fails. ``$POWERNORM_BACKEND`` overrides ``auto``
+for every layer. Figures in benchmarks/README.md.
 """
 import logging
 import os
@@ -285,28 +290,24 @@ def resolve_backend(backend):
 
 
 _warned = set()
-_chosen = {}  # (backend, $POWERNORM_BACKEND, device type) -> kernels: layers ask on every call
+_chosen = {}  # (backend, $POWERNORM_BACKEND) -> kernels: layers ask on every call
 
 
-def kernels_for(backend, device=None):
-    """The kernels for ``backend`` on ``device`` (default CPU).
+def kernels_for(backend):
+    """The kernels for ``backend`` (the same on every device).
 
-    A named backend that cannot run raises; ``auto`` takes ``native``, on any device, and
-    falls back (compiled, then eager) with one warning.
+    A named backend that cannot run raises; ``auto`` takes ``native`` and falls back
+    (compiled, then eager) with one warning.
     """
-    if device is None:
-        device_type = "cpu"
-    else:
-        device_type = (device if isinstance(device, torch.device) else torch.device(device)).type
-    key = (backend, os.environ.get("POWERNORM_BACKEND"), device_type)
+    key = (backend, os.environ.get("POWERNORM_BACKEND"))
     kernels = _chosen.get(key)
     if kernels is None:
-        kernels = _chosen[key] = _choose(backend, device_type)
+        kernels = _chosen[key] = _choose(backend)
     return kernels
 
 
-def _choose(backend, device_type):
-    """kernels_for, uncached."""
+def _choose(backend):
+    """kernels_for, uncached (the same kernels serve every device)."""
     backend = resolve_backend(backend)
     if backend == "eager":
         return EAGER

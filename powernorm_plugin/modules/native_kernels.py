@@ -1,10 +1,16 @@
-"""The ``native`` PowerNorm backend: ``csrc/power_norm_cpu.cpp``, built on first use.
+"""The ``native`` PowerNorm backend: the C++ sources in ``csrc/``, built on first use.
 
-torch's extension builder compiles the file once per machine (about 30 s on two cores; it
-needs a C++ compiler and ninja, a dependency of this package), and the library is cached in
-``$TORCH_EXTENSIONS_DIR/powernorm_plugin`` (default ``~/.cache/torch_extensions``), under a
-key made of the source, the compiler flags and the torch build. Later processes load it
-directly, in milliseconds.
+The library holds PowerNorm's training step as one C++ autograd function
+(``power_norm_step.cpp``), the one-sweep CPU passes and the CPU's fused step
+(``power_norm_cpu.cpp``, ``power_norm_cpu_step.cpp``) and, where a CUDA device and CUDA's
+compiler are present, the CUDA kernels of the GPU's fused step (``power_norm_cuda.cu``,
+compiled for the visible GPU). Without those the step runs on ATen's operators on a GPU.
+
+torch's extension builder compiles it once per machine (about 30 s on two cores for the CPU
+sources; it needs a C++ compiler and ninja, a dependency of this package), and the library is
+cached in ``$TORCH_EXTENSIONS_DIR/powernorm_plugin`` (default ``~/.cache/torch_extensions``),
+under a key made of the sources, the compiler flags, the torch build and the GPU target.
+Later processes load it directly, in milliseconds.
 
 Each build runs in a folder of its own and the finished library is renamed into the cache,
 so processes that start together (data-parallel ranks) never wait on a lock that a killed
@@ -25,9 +31,11 @@ from .kernels import EagerKernels
 logger = logging.getLogger(__name__)
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = [os.path.join(CSRC, name) for name in ("power_norm_cpu.cpp", "power_norm_step.cpp")]
+SOURCES = [os.path.join(CSRC, name)
+           for name in ("power_norm_cpu.cpp", "power_norm_cpu_step.cpp", "power_norm_step.cpp")]
 CUDA_SOURCE = os.path.join(CSRC, "power_norm_cuda.cu")
-HEADERS = [os.path.join(CSRC, name) for name in ("power_norm_cpu.h", "power_norm_cuda.h")]
+HEADERS = [os.path.join(CSRC, name)
+           for name in ("power_norm_cpu.h", "power_norm_columns.h", "power_norm_fused.h")]
 NAME = "powernorm_plugin_cpu"
 
 
@@ -48,17 +56,18 @@ def cache_dir():
 
 
 def cuda_target():
-    """The GPU to build the fused CUDA kernels for ("sm_90" and the like), or None: without a
-    CUDA build of torch, a device or CUDA's compiler the library is built for the CPU only
-    (its step then runs on ATen's operators on a GPU)."""
+    """The GPU architectures to build the fused CUDA kernels for ("sm_90", "sm_80+sm_90"),
+    those of the visible devices (as torch's builder compiles for), or None: without a CUDA
+    build of torch, a device or CUDA's compiler the library is built for the CPU only (its
+    step then runs on ATen's operators on a GPU)."""
     if torch.version.cuda is None or not torch.cuda.is_available():
         return None
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
         return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
+    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return "+".join(f"sm_{major}{minor}" for major, minor in sorted(capabilities))
 
 
 def library_path(cflags, cuda=None):
@@ -67,8 +76,9 @@ def library_path(cflags, cuda=None):
     for source in SOURCES + HEADERS + ([CUDA_SOURCE] if cuda else []):
         with open(source, "rb") as f:
             key.update(f.read())
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else ""  # overrides cuda
     for part in (*cflags, torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI),
-                 platform.machine(), cuda or "cpu"):
+                 platform.machine(), cuda or "cpu", arch_list):
         key.update(b"\0" + part.encode())
     return os.path.join(cache_dir(), key.hexdigest()[:16], f"{NAME}.so")
 

@@ -2,7 +2,6 @@
 
 Every layer it returns is called as ``norm(x, padding_mask=None)`` on (T, B, C) input.
 """
-import torch
 from torch import nn
 
 from .masked_batch_norm import MaskedBatchNorm

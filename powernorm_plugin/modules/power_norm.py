@@ -401,7 +401,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = PowerNormConfig(self.mode, self.eps, self.alpha_fwd, self.alpha_bkw,
                               self.warmup_updates, self.group_num, self.sync, self.process_group,
-                              self.causal, self.name, kernels_for(self.backend, x.device),
+                              self.causal, self.name, kernels_for(self.backend),
                               self._steps, self._checks)
         buffers = (self.running_phi, self.running_nu, self.num_steps)
         group = distributed_world(self.sync, self.process_group)

@@ -31,7 +31,7 @@
 
 #include <algorithm>
 
-#include "power_norm_cuda.h"
+#include "power_norm_fused.h"
 
 namespace powernorm_plugin {
 namespace {
@@ -43,20 +43,6 @@ constexpr int kMaxColumns = 4096;     // = kPerThread * the largest block (512 t
 constexpr int64_t kMaxBlocks = 128;   // row blocks: column partial sums per block
 constexpr int64_t kMinBlockRows = 4;
 constexpr int kFinishThreads = 1024;
-
-__device__ __forceinline__ float rsqrt_(float v) { return rsqrtf(v); }
-__device__ __forceinline__ double rsqrt_(double v) { return rsqrt(v); }
-
-// torch.lerp's formula: a + w (b - a), computed from the nearer end.
-template <typename A>
-__device__ __forceinline__ A lerp_(A a, A b, A w) {
-  return w < A(0.5) ? a + w * (b - a) : b - (b - a) * (A(1) - w);
-}
-
-template <typename A>
-__device__ __forceinline__ bool finite_(A v) {
-  return fabs(v) < A(INFINITY);  // false for NaN and +-Inf
-}
 
 // Per group g of a row held in shared memory (vals: C entries), out[g] = mean over the
 // group's S entries, summed by one warp in a fixed order; with `rms`, 1 / sqrt(mean + eps).
@@ -194,11 +180,7 @@ __global__ void finish_forward(const A* __restrict__ partial, int64_t blocks, in
     A p = phi[c];
     inv[c] = rsqrt_((use_batch ? psi : p) + eps);
     if (inv_b != nullptr) inv_b[c] = rsqrt_(psi + eps);
-    if (ok) {
-      if (warm) p = lerp_(p, psi, mean_rate);
-      if (!warm || mode == kOfficial) p = lerp_(p, psi, ema_rate);
-      phi[c] = p;
-    }
+    if (ok) phi[c] = moved_phi(p, psi, warm, mode, mean_rate, ema_rate);
   }
   if (threadIdx.x == 0) {
     *ok_out = ok;
@@ -206,20 +188,14 @@ __global__ void finish_forward(const A* __restrict__ partial, int64_t blocks, in
   }
 }
 
-// Per-column coefficients of dz = a dy - b m z (see power_norm_step.cpp's backward).
+// Per-column coefficients of dz = a dy - b m z (dz_coefficients).
 template <typename A>
 struct Coefficients {
   const A *w, *inv, *inv_b, *nu, *b_given;
   int64_t mode;
   __device__ void at(int c, A& a, A& b) const {
-    const A gamma = w != nullptr ? w[c] : A(1);
-    if (mode == kOfficial) {  // divided by the batch psi_B
-      a = gamma * inv_b[c];
-      b = nu[c] * inv[c] * inv_b[c];
-    } else {
-      a = gamma * inv[c];
-      b = mode == kPaper ? nu[c] * inv[c] * inv[c] : b_given[c];
-    }
+    dz_coefficients(mode, w != nullptr ? w[c] : A(1), inv[c], inv_b != nullptr ? inv_b[c] : A(0),
+                    nu != nullptr ? nu[c] : A(0), b_given != nullptr ? b_given[c] : A(0), &a, &b);
   }
 };
 
@@ -317,23 +293,15 @@ __global__ void finish_backward(const A* __restrict__ partial, int64_t blocks, i
     const A sum_dz = block_sum(partial, blocks, parts, 0, C, c);
     if (grad_w != nullptr) grad_w[c] = sum_dz * inv[c];
     if (grad_b != nullptr) grad_b[c] = block_sum(partial, blocks, parts, 1, C, c);
-    const A gamma = w != nullptr ? w[c] : A(1), i = inv[c];
+    const A gamma = w != nullptr ? w[c] : A(1);
     if (mode == kVanilla) {
-      b_given[c] = gamma * i * i * i * sum_dz / count;
-      continue;
-    }
-    A gamma_t, lambda_t;
-    if (mode == kPaper) {  // over tokens
+      b_given[c] = vanilla_b(gamma, inv[c], sum_dz, count);
+    } else if (mode == kPaper) {  // over tokens
       const A token_dz = parts == 3 ? block_sum(partial, blocks, parts, 2, C, c) : sum_dz;
-      gamma_t = i * i * psi_b[c];
-      lambda_t = gamma * i * token_dz / count;
+      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], psi_b[c], A(0), token_dz, sum_dz, count, rows, rate);
     } else {  // official: over every row
-      gamma_t = i * i * all_sq[c] / rows;
-      lambda_t = gamma * i * sum_dz / rows;
+      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], A(0), all_sq[c], sum_dz, sum_dz, count, rows, rate);
     }
-    const A old = nu[c];
-    const A moved = old + rate * (lambda_t - old * gamma_t);
-    if (finite_(moved)) nu[c] = moved;
   }
 }
 
@@ -410,6 +378,8 @@ FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Te
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (use_batch) rows(out.inv.data_ptr<A>(), false, out.y.data_ptr<scalar_t>(), nullptr, nullptr);
   });
+  bump_version(running_phi);
+  bump_version(num_steps);
   return out;
 }
 
@@ -455,10 +425,11 @@ FusedBackward backward(const Tensor& dy, const Tensor& x, const Tensor& r, const
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (vanilla) sweep(out.dx.data_ptr<scalar_t>(), nullptr);
   });
+  if (mode != kVanilla) bump_version(running_nu);
   return out;
 }
 
-const CudaStep kCudaStep{&supports, &forward, &backward};
+const FusedStep kCudaStep{&supports, &forward, &backward};
 
 // Fills in cuda_step() when the library is loaded.
 struct Register {

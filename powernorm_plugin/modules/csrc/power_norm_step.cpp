@@ -13,8 +13,10 @@
 // autograd.Function around a few dozen small tensor ops, removes most of the per-call host
 // time: on a GPU that host time, not the device's, is what a normalization layer costs.
 //
-// The passes over the activations are the one-sweep kernels of power_norm_cpu.cpp for CPU
-// tensors (`sweeps`), and ATen operators (one kernel each) on any other device. The running
+// A call runs as a fused step (power_norm_fused.h): on the CPU the one-sweep kernels of
+// power_norm_cpu.cpp with the per-feature statistics in plain loops, on a GPU the kernels of
+// power_norm_cuda.cu. Where neither applies (a batch of padding only, a GPU library built
+// without CUDA, `sweeps` off) it runs on ATen's operators, one kernel each. The running
 // buffers are updated in place: psi^2 and the step count in the forward, nu in the backward.
 // A non-finite psi_B^2 leaves psi^2 and the count unchanged (checked on the device, so no
 // wait); the caller reads the returned flag and reports it.
@@ -27,12 +29,12 @@
 #include <string>
 
 #include "power_norm_cpu.h"
-#include "power_norm_cuda.h"
+#include "power_norm_fused.h"
 
 namespace powernorm_plugin {
 
-const CudaStep*& cuda_step() {
-  static const CudaStep* step = nullptr;
+const FusedStep*& cuda_step() {
+  static const FusedStep* step = nullptr;
   return step;
 }
 
@@ -172,8 +174,6 @@ Tensor all_finite(const Tensor& t) {
   return at::abs(t.max()) < std::numeric_limits<double>::infinity();
 }
 
-void bump_version(const Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
-
 // The saved tensors of a call: x, gamma, r, then the mode's statistics (paper: psi_B^2;
 // official: the all-row sum of z^2 and 1/sqrt(psi_B^2 + eps)), then inv and the token weights.
 // Tensors a call does not have are saved undefined.
@@ -218,9 +218,9 @@ Tensor aten_forward(const Tensor& x, const Tensor& m, const optional<Tensor>& we
   return y;
 }
 
-// The forward in the fused CUDA kernels (a batch with tokens): y; sets o.ok and the saved
-// tensors, as aten_forward.
-Tensor fused_forward(const CudaStep& fused, const Tensor& x, const Tensor& m,
+// The forward as a fused step (a batch with tokens): y; sets o.ok and the saved tensors, as
+// aten_forward.
+Tensor fused_forward(const FusedStep& fused, const Tensor& x, const Tensor& m,
                      const optional<Tensor>& weight, const optional<Tensor>& bias,
                      StepOptions& o, variable_list& saved) {
   const auto cd = compute_dtype(x);
@@ -229,10 +229,6 @@ Tensor fused_forward(const CudaStep& fused, const Tensor& x, const Tensor& m,
   FusedForward f = fused.forward(x, m, w, b, o.running_phi, o.num_steps, o.mode, o.groups, o.eps,
                                  static_cast<double>(o.count), o.warm, o.use_batch, o.step,
                                  o.alpha_fwd);
-  // written by the kernels, not by an in-place operator: count the change in their versions
-  // (the host mirror of num_steps follows the version)
-  bump_version(o.running_phi);
-  bump_version(o.num_steps);
   o.ok = f.ok;
   saved = {x, w, f.r};
   if (o.mode == kPaper) saved.push_back(f.psi_b);
@@ -289,6 +285,13 @@ Gradients aten_backward(const Tensor& dy, const variable_list& s, Tensor nu, Mod
   return {g.dx, g.all_dz * inv, g.dy_sum};
 }
 
+// The fused step for x's device: the CPU's (where the one-sweep kernels are in use:
+// `sweeps`), CUDA's where the library has it; nullptr: ATen's operators.
+const FusedStep* fused_step(const Tensor& x, bool sweeps) {
+  if (x.is_cpu()) return sweeps ? &cpu_step() : nullptr;
+  return x.is_cuda() ? cuda_step() : nullptr;
+}
+
 class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
  public:
   // x: (..., C), contiguous; y has its shape
@@ -298,7 +301,7 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
     const int64_t C = input.size(-1);
     const Tensor x = input.view({-1, C});  // rows = positions
     const Tensor m = token_weights.value_or(Tensor());
-    const CudaStep* fused = cuda_step();
+    const FusedStep* fused = fused_step(x, o.sweeps);
     const bool use_fused = fused != nullptr && o.count > 0 &&
                            fused->supports(x, o.running_phi, o.running_nu);
     variable_list saved;
@@ -333,11 +336,10 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
     if (ctx->saved_data["fused"].toBool()) {
       const Tensor none;
       const bool official = mode == kOfficial;
-      FusedBackward f = cuda_step()->backward(
+      FusedBackward f = fused_step(s[0], true)->backward(
           dy, s[0], s[2], s[s.size() - 1], s[1], s[s.size() - 2], mode == kPaper ? s[3] : none,
           official ? s[3] : none, official ? s[4] : none, nu, mode, groups, count, rows,
           alpha_bkw, bias_dtype != at::ScalarType::Undefined);
-      if (mode != kVanilla) bump_version(nu);
       g = {f.dx, f.grad_w, f.grad_b};
     } else {
       g = aten_backward(dy, s, nu, mode, groups, ctx->saved_data["sweeps"].toBool(), count, rows,

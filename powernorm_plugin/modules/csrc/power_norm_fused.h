@@ -1,16 +1,16 @@
-// PowerNorm's fused CUDA training step (power_norm_cuda.cu), as the C++ step calls it.
-//
-// The library is built with power_norm_cuda.cu only where CUDA is there to compile it; the
-// .cu file then fills in cuda_step() when the library loads. Where it is null (a CPU-only
-// build), or a call is outside what the kernels take (supports()), the step runs on ATen's
-// operators instead.
+// PowerNorm's fused training step: each direction one sweep over the rows (or two, where the
+// scale needs this batch's sums: warm-up, PN-V) and the per-feature statistics of
+// power_norm_columns.h, with no tensor operator in between. Two of them: the CPU's
+// (power_norm_cpu_step.cpp, on the one-sweep kernels of power_norm_cpu.cpp) and CUDA's
+// (power_norm_cuda.cu), which the library has only where CUDA was there to compile it.
+// power_norm_step.cpp calls them, and ATen's operators where neither applies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-namespace powernorm_plugin {
+#include "power_norm_columns.h"
 
-enum Mode : int64_t { kPaper = 0, kOfficial = 1, kVanilla = 2 };
+namespace powernorm_plugin {
 
 // The forward's results: y; the 1/sqrt(psi + eps) that y was normalized by; r (rows x groups,
 // groups only); the batch statistics the backward keeps (psi_B^2, the all-row sum of z^2,
@@ -24,16 +24,16 @@ struct FusedBackward {
   at::Tensor dx, grad_w, grad_b;
 };
 
-struct CudaStep {
-  // Whether the kernels take x (CUDA, at most kMaxColumns features) with these buffers.
+struct FusedStep {
+  // Whether the step takes x (rows, C) with these running buffers.
   bool (*supports)(const at::Tensor& x, const at::Tensor& running_phi, const at::Tensor& running_nu);
-  // One training call's forward over a batch with tokens (count > 0): writes running_phi and
-  // num_steps in place.
+  // One training call's forward over a batch with tokens (count > 0); moves running_phi and
+  // num_steps in place (and bumps their versions).
   FusedForward (*forward)(const at::Tensor& x, const at::Tensor& m, const at::Tensor& w,
                           const at::Tensor& b, at::Tensor& running_phi, at::Tensor& num_steps,
                           int64_t mode, int64_t groups, double eps, double count, bool warm,
                           bool use_batch, int64_t step, double alpha_fwd);
-  // Its backward: writes running_nu in place (paper, official).
+  // Its backward; moves running_nu in place (paper, official).
   FusedBackward (*backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& r,
                             const at::Tensor& m, const at::Tensor& w, const at::Tensor& inv,
                             const at::Tensor& psi_b, const at::Tensor& all_sq,
@@ -42,7 +42,14 @@ struct CudaStep {
                             bool has_bias);
 };
 
-// The fused CUDA step, or nullptr where the library was built without it.
-const CudaStep*& cuda_step();
+// The CPU's fused step.
+const FusedStep& cpu_step();
+
+// CUDA's fused step, or nullptr where the library was built without it.
+const FusedStep*& cuda_step();
+
+// Counts a change that a kernel wrote through a tensor's data pointer in its version, as an
+// in-place operator would (the host mirror of num_steps follows the version).
+inline void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
 
 }  // namespace powernorm_plugin
