@@ -95,7 +95,8 @@ def load_library():
         except Exception as err:  # noqa: BLE001  (any build failure: the CPU-only library)
             text = str(err).strip().splitlines()
             logger.warning("powernorm_plugin: PowerNorm's CUDA kernels did not build (%s); its "
-                           "native step runs on ATen's operators on the GPU", text[-1] if text else err)
+                           "native step runs on ATen's operators on the GPU",
+                           text[-1] if text else err)
     return _load(None)
 
 

@@ -68,7 +68,10 @@ class PowerNormConfig(NamedTuple):
 
 
 class PowerNormFunction(torch.autograd.Function):
-    """Training-mode PowerNorm on 2-D input ``x`` (rows = T*B positions, columns = features).
+    """Training-mode PowerNorm on 2-D input ``x`` (rows = T*B positions, columns = features),
+    as the compiled and eager backends run it, and every backend with synchronized statistics
+    (``group``: the process group, or None). The native backend's step is the same arithmetic
+    in C++ (:func:`_native_step`).
 
     ``cfg.groups`` applies the per-token group RMS scaling to ``x`` first (z = x * r); the
     scaling is part of the same passes, so only ``x`` and the small ``r`` are saved.
@@ -340,9 +343,9 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
             position cannot see later tokens: warm-up normalizes by the running statistic of
             earlier steps (psi^2 still gets the cumulative mean), and ``mode="vanilla"`` is
             refused.
-        backend: ``"auto"`` (``$POWERNORM_BACKEND``, else ``native`` on CPU and ``compiled``
-            on GPU, falling back where they cannot be built), ``"native"`` (hand-written C++,
-            CPU only), ``"compiled"`` (fused by torch.compile) or ``"eager"``; see
+        backend: ``"auto"`` (``$POWERNORM_BACKEND``, else ``native``, falling back where it
+            cannot be built), ``"native"`` (the training step in C++ with hand-written CPU
+            and CUDA kernels), ``"compiled"`` (fused by torch.compile) or ``"eager"``; see
             ``kernels.py``.
 
     Buffers (all saved in ``state_dict``): ``running_phi`` (psi^2, starts at 1),
@@ -407,8 +410,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         group = distributed_world(self.sync, self.process_group)
         if cfg.kernels.train_step is not None and group is None:
             return _native_step(x.contiguous(), self.weight, self.bias, *buffers, mask, cfg)
-        y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), self.weight, self.bias, *buffers, mask, cfg,
-                                    group)
+        y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), self.weight, self.bias,
+                                    *buffers, mask, cfg, group)
         return y.view(T, B, C)
 
     def eval_affine(self, z):

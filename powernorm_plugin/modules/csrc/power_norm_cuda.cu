@@ -69,11 +69,17 @@ RowBlocks row_blocks(int64_t N) {
 
 int row_threads(int64_t C) { return C <= 256 * kPerThread ? 256 : 512; }
 
+// Threads of the one-block finish kernels: a column each, up to kFinishThreads.
+int finish_block(int64_t C) {
+  return static_cast<int>(std::min<int64_t>(kFinishThreads, (C + 31) / 32 * 32));
+}
+
 // The forward's sweep. With `norm`, writes y = z * w * inv + b, inv = 1/sqrt(norm + eps)
 // (norm_is_phi) or norm itself; with `partial`, the block's column sums: part 0 the token sum
 // of z^2, part 1 (only with a mask and all_rows) the all-row sum.
 template <typename T, typename A>
-__global__ void __launch_bounds__(512) forward_rows(const T* __restrict__ x, const A* __restrict__ m, int64_t N, int C,
+__global__ void __launch_bounds__(512)
+    forward_rows(const T* __restrict__ x, const A* __restrict__ m, int64_t N, int C,
                              int G, A eps, const A* __restrict__ w, const A* __restrict__ b,
                              const A* __restrict__ norm, bool norm_is_phi, T* __restrict__ y,
                              A* __restrict__ r_out, A* __restrict__ partial, bool all_rows,
@@ -171,7 +177,9 @@ __global__ void finish_forward(const A* __restrict__ partial, int64_t blocks, in
     const A token = block_sum(partial, blocks, parts, 0, C, c);
     const A psi = token / count;
     psi_b[c] = psi;
-    if (all_sq != nullptr) all_sq[c] = parts == 2 ? block_sum(partial, blocks, parts, 1, C, c) : token;
+    if (all_sq != nullptr) {
+      all_sq[c] = parts == 2 ? block_sum(partial, blocks, parts, 1, C, c) : token;
+    }
     finite = finite && finite_(psi);
   }
   const bool ok = __syncthreads_and(finite);
@@ -203,7 +211,8 @@ struct Coefficients {
 // every row with b_all_rows); with `partial`, the block's column sums: part 0 sum dy z,
 // part 1 sum dy, part 2 (with token_rows and a mask) the token sum of dy z.
 template <typename T, typename A>
-__global__ void __launch_bounds__(512) backward_rows(const T* __restrict__ dy, const T* __restrict__ x,
+__global__ void __launch_bounds__(512)
+    backward_rows(const T* __restrict__ dy, const T* __restrict__ x,
                               const A* __restrict__ r, const A* __restrict__ m, int64_t N, int C,
                               int G, Coefficients<A> coef, bool b_all_rows, T* __restrict__ dx,
                               A* __restrict__ partial, bool token_rows, int64_t block_rows) {
@@ -298,9 +307,11 @@ __global__ void finish_backward(const A* __restrict__ partial, int64_t blocks, i
       b_given[c] = vanilla_b(gamma, inv[c], sum_dz, count);
     } else if (mode == kPaper) {  // over tokens
       const A token_dz = parts == 3 ? block_sum(partial, blocks, parts, 2, C, c) : sum_dz;
-      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], psi_b[c], A(0), token_dz, sum_dz, count, rows, rate);
+      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], psi_b[c], A(0), token_dz, sum_dz, count,
+                       rows, rate);
     } else {  // official: over every row
-      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], A(0), all_sq[c], sum_dz, sum_dz, count, rows, rate);
+      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], A(0), all_sq[c], sum_dz, sum_dz, count,
+                       rows, rate);
     }
   }
 }
@@ -351,8 +362,9 @@ FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Te
     out.inv_b = at::empty({C}, opts);
   }
   Tensor partial = at::empty({blocks.count * parts * C}, opts);
-  const int finish_threads = static_cast<int>(std::min<int64_t>(kFinishThreads, (C + 31) / 32 * 32));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "powernorm_cuda_forward", [&] {
+  const int finish_threads = finish_block(C);
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "powernorm_cuda_forward", [&] {
     using A = at::acc_type<scalar_t, true>;
     const size_t shm = group_shared_bytes(C, groups, sizeof(A));
     const A eps_a = static_cast<A>(eps);
@@ -402,8 +414,9 @@ FusedBackward backward(const Tensor& dy, const Tensor& x, const Tensor& r, const
   if (has_bias) out.grad_b = at::empty({C}, opts);
   Tensor partial = at::empty({blocks.count * parts * C}, opts);
   Tensor b_given = mode == kVanilla ? at::empty({C}, opts) : Tensor();
-  const int finish_threads = static_cast<int>(std::min<int64_t>(kFinishThreads, (C + 31) / 32 * 32));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "powernorm_cuda_backward", [&] {
+  const int finish_threads = finish_block(C);
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "powernorm_cuda_backward", [&] {
     using A = at::acc_type<scalar_t, true>;
     const size_t shm = group_shared_bytes(C, groups, sizeof(A));
     const Coefficients<A> coef{ptr<A>(w), ptr<A>(inv), ptr<A>(inv_b), ptr<A>(running_nu),

@@ -26,7 +26,8 @@ struct FusedBackward {
 
 struct FusedStep {
   // Whether the step takes x (rows, C) with these running buffers.
-  bool (*supports)(const at::Tensor& x, const at::Tensor& running_phi, const at::Tensor& running_nu);
+  bool (*supports)(const at::Tensor& x, const at::Tensor& running_phi,
+                   const at::Tensor& running_nu);
   // One training call's forward over a batch with tokens (count > 0); moves running_phi and
   // num_steps in place (and bumps their versions).
   FusedForward (*forward)(const at::Tensor& x, const at::Tensor& m, const at::Tensor& w,
