@@ -383,8 +383,10 @@ def test_auto_backend_falls_back_with_a_warning_where_kernels_cannot_be_built(mo
     assert torch.isfinite(x.grad).all() and int(pn.num_steps) == 1
 
 
+@pytest.mark.parametrize("mode,groups,affine", [
+    ("paper", None, False), ("official", 3, True), ("vanilla", 3, False)])
 @pytest.mark.parametrize("backend", ["native", "native-aten"])
-def test_native_step_on_a_batch_of_padding_only_and_without_affine(backend, monkeypatch):
+def test_native_step_on_a_batch_of_padding_only(backend, mode, groups, affine, monkeypatch):
     # no tokens: y takes psi_{t-1}, nothing moves; affine=False: no parameter gradients
     backend = layer_backend(backend, monkeypatch)
     gen = torch.Generator().manual_seed(8)
@@ -392,13 +394,15 @@ def test_native_step_on_a_batch_of_padding_only_and_without_affine(backend, monk
     pad = torch.ones(B, T, dtype=torch.bool)
     results = []
     for name in ("eager", backend):
-        pn = PowerNorm(C, affine=False, warmup_updates=2, backend=name).double()
+        pn = PowerNorm(C, mode=mode, group_num=groups, affine=affine, warmup_updates=2,
+                       backend=name).double()
         pn.running_phi.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
         pn.running_nu.fill_(0.25)
         xg = x.clone().requires_grad_(True)
         y = pn(xg, pad)
         y.backward(dy)
-        results.append([y, xg.grad, pn.running_phi, pn.running_nu, pn.num_steps])
+        grads = [pn.weight.grad, pn.bias.grad] if affine else []
+        results.append([y, xg.grad, *grads, pn.running_phi, pn.running_nu, pn.num_steps])
     for e, n in zip(*results):
         torch.testing.assert_close(n, e, rtol=1e-12, atol=1e-12)
     assert int(results[1][-1]) == 0

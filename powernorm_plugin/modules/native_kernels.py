@@ -132,7 +132,7 @@ class NativeKernels(EagerKernels):
     """
 
     name = "native"
-    sweeps = True  # the step's passes on CPU tensors: the one-sweep kernels (else ATen's ops)
+    sweeps = True  # on CPU tensors the step runs fused on the one-sweep kernels (False: on ATen)
 
     def __init__(self):
         self.ops = load_library()

@@ -28,7 +28,8 @@ const A* ptr(const Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 
-bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu) {
+bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
+              int64_t /*count*/) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const Tensor* t : {&running_phi, &running_nu}) {
     if (t->scalar_type() != acc || !t->is_contiguous() || !t->is_cpu()) return false;
@@ -58,13 +59,22 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
   const A eps_a = static_cast<A>(eps);
   FusedForward out;
   out.inv = at::empty({C}, opts);
-  out.psi_b = at::empty({C}, opts);
-  if (all_rows) out.inv_b = at::empty({C}, opts);
   A* phi = running_phi.data_ptr<A>();
   A* inv = out.inv.data_ptr<A>();
+  Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts);
+  if (count == 0) {  // a batch of padding only has no psi_B: y takes psi_{t-1}, nothing moves
+    for (int64_t c = 0; c < C; ++c) inv[c] = rsqrt_(phi[c] + eps_a);
+    affine<A>(ptr<A>(w), ptr<A>(b), inv, C, scale, shift);
+    std::vector<Tensor> pass = forward(x, maybe(m), groups, eps, scale, shift, false, false);
+    out.y = pass[0];
+    if (groups) out.r = pass[3];
+    out.ok = at::scalar_tensor(true, x.options().dtype(at::kBool));
+    return out;
+  }
+  out.psi_b = at::empty({C}, opts);
+  if (all_rows) out.inv_b = at::empty({C}, opts);
   A* psi_b = out.psi_b.data_ptr<A>();
   A* inv_b = all_rows ? out.inv_b.data_ptr<A>() : nullptr;
-  Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts);
   std::vector<Tensor> pass;
   if (use_batch) {  // the scale needs this batch's psi_B: sums first, output second
     pass = forward(x, maybe(m), groups, eps, c10::nullopt, c10::nullopt, true, all_rows);
@@ -123,7 +133,15 @@ FusedBackward backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, 
   };
   FusedBackward out;
   std::vector<Tensor> pass;
-  if (mode == kVanilla) {  // PN-V's b needs the sums: sums first, input gradient second
+  if (count == 0) {  // no tokens: dz = gamma inv dy, and nu does not move
+    A *pa = a.data_ptr<A>(), *pb = b.data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      pa[c] = gamma_at(c) * inv[c];
+      pb[c] = A(0);
+    }
+    pass = backward(dy, x, maybe(r), maybe(m), groups, a, b, false, true, mode == kPaper);
+    out.dx = pass[0];
+  } else if (mode == kVanilla) {  // PN-V's b needs the sums: sums first, input gradient second
     pass = backward(dy, x, maybe(r), maybe(m), groups, c10::nullopt, c10::nullopt, false, true,
                     false);
     Tensor b_given = at::empty({C}, opts);

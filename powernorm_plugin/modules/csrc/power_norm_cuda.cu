@@ -330,9 +330,11 @@ size_t group_shared_bytes(int64_t C, int64_t G, size_t element) {
   return G ? static_cast<size_t>(C + G) * element : 0;
 }
 
-bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu) {
+// A batch of padding only (count 0) is left to ATen's operators.
+bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
+              int64_t count) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return x.is_cuda() && x.size(-1) <= kMaxColumns && x.numel() > 0 &&
+  return count > 0 && x.is_cuda() && x.size(-1) <= kMaxColumns && x.numel() > 0 &&
          running_phi.scalar_type() == acc && running_nu.scalar_type() == acc &&
          running_phi.is_contiguous() && running_nu.is_contiguous() &&
          running_phi.device() == x.device();

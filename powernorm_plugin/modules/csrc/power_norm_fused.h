@@ -25,11 +25,11 @@ struct FusedBackward {
 };
 
 struct FusedStep {
-  // Whether the step takes x (rows, C) with these running buffers.
+  // Whether the step takes x (rows, C) with these running buffers and `count` tokens.
   bool (*supports)(const at::Tensor& x, const at::Tensor& running_phi,
-                   const at::Tensor& running_nu);
-  // One training call's forward over a batch with tokens (count > 0); moves running_phi and
-  // num_steps in place (and bumps their versions).
+                   const at::Tensor& running_nu, int64_t count);
+  // One training call's forward; moves running_phi and num_steps in place (and bumps their
+  // versions) where the batch has tokens.
   FusedForward (*forward)(const at::Tensor& x, const at::Tensor& m, const at::Tensor& w,
                           const at::Tensor& b, at::Tensor& running_phi, at::Tensor& num_steps,
                           int64_t mode, int64_t groups, double eps, double count, bool warm,

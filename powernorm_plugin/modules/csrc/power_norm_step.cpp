@@ -15,8 +15,8 @@
 //
 // A call runs as a fused step (power_norm_fused.h): on the CPU the one-sweep kernels of
 // power_norm_cpu.cpp with the per-feature statistics in plain loops, on a GPU the kernels of
-// power_norm_cuda.cu. Where neither applies (a batch of padding only, a GPU library built
-// without CUDA, `sweeps` off) it runs on ATen's operators, one kernel each. The running
+// power_norm_cuda.cu. Where neither applies (a GPU library built without CUDA, a batch of
+// padding only on a GPU, `sweeps` off) it runs on ATen's operators, one kernel each. The running
 // buffers are updated in place: psi^2 and the step count in the forward, nu in the backward.
 // A non-finite psi_B^2 leaves psi^2 and the count unchanged (checked on the device, so no
 // wait); the caller reads the returned flag and reports it.
@@ -28,7 +28,6 @@
 #include <limits>
 #include <string>
 
-#include "power_norm_cpu.h"
 #include "power_norm_fused.h"
 
 namespace powernorm_plugin {
@@ -60,10 +59,6 @@ Tensor as(const Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
-optional<Tensor> maybe(const Tensor& t) {
-  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
-}
-
 // ----- the two passes of kernels.py's docstring ------------------------------------------
 
 struct ForwardPass {
@@ -76,18 +71,9 @@ struct BackwardPass {
 
 // z = x (or x * r with groups); y = scale * z + shift where scale is given; with `sums`, the
 // token-row sum of z^2 and (with `all_rows`) the all-row sum.
-ForwardPass forward_pass(bool sweeps, const Tensor& x, const Tensor& m, int64_t groups,
-                         double eps, const Tensor& scale, const Tensor& shift, bool sums,
-                         bool all_rows) {
+ForwardPass forward_pass(const Tensor& x, const Tensor& m, int64_t groups, double eps,
+                         const Tensor& scale, const Tensor& shift, bool sums, bool all_rows) {
   ForwardPass out;
-  if (sweeps) {
-    auto v = forward(x, maybe(m), groups, eps, maybe(scale), maybe(shift), sums, all_rows);
-    if (scale.defined()) out.y = v[0];
-    if (sums) out.token_sq = v[1];
-    if (sums && all_rows) out.all_sq = m.defined() ? v[2] : v[1];
-    if (groups) out.r = v[3];
-    return out;
-  }
   const int64_t n = x.size(0), c = x.size(1);
   Tensor z = as(x, compute_dtype(x));
   if (groups) {
@@ -108,21 +94,10 @@ ForwardPass forward_pass(bool sweeps, const Tensor& x, const Tensor& m, int64_t 
 // dz = a dy - b m z (m = 1 on every row with b_all_rows) and dx = dz, or its gradient through
 // the group scaling, where a and b are given; with `sums`, the token-row (with `token_rows`)
 // and all-row sums of dy z and the all-row sum of dy.
-BackwardPass backward_pass(bool sweeps, const Tensor& dy, const Tensor& x, const Tensor& r,
-                           const Tensor& m, int64_t groups, const Tensor& a, const Tensor& b,
-                           bool b_all_rows, bool sums, bool token_rows) {
+BackwardPass backward_pass(const Tensor& dy, const Tensor& x, const Tensor& r, const Tensor& m,
+                           int64_t groups, const Tensor& a, const Tensor& b, bool b_all_rows,
+                           bool sums, bool token_rows) {
   BackwardPass out;
-  if (sweeps) {
-    auto v = backward(dy, x, maybe(r), maybe(m), groups, maybe(a), maybe(b), b_all_rows, sums,
-                      token_rows);
-    if (a.defined()) out.dx = v[0];
-    if (sums) {
-      if (token_rows) out.token_dz = v[1];
-      out.all_dz = v[2];
-      out.dy_sum = v[3];
-    }
-    return out;
-  }
   const int64_t n = x.size(0), c = x.size(1);
   Tensor z = as(x, compute_dtype(x));
   if (groups) z = (z.view({n, groups, c / groups}) * r.unsqueeze(-1)).view({n, c});
@@ -178,7 +153,7 @@ Tensor all_finite(const Tensor& t) {
 // official: the all-row sum of z^2 and 1/sqrt(psi_B^2 + eps)), then inv and the token weights.
 // Tensors a call does not have are saved undefined.
 
-// The forward on ATen's operators (and the CPU sweeps): y; sets o.ok and the saved tensors.
+// The forward on ATen's operators: y; sets o.ok and the saved tensors.
 Tensor aten_forward(const Tensor& x, const Tensor& m, const optional<Tensor>& weight,
                     const optional<Tensor>& bias, StepOptions& o, variable_list& saved) {
   const auto cd = compute_dtype(x);
@@ -190,10 +165,10 @@ Tensor aten_forward(const Tensor& x, const Tensor& m, const optional<Tensor>& we
   Tensor inv, y;
   ForwardPass f;
   if (o.use_batch) {  // the scale needs this batch's psi_B: sums first, output second
-    f = forward_pass(o.sweeps, x, m, o.groups, o.eps, Tensor(), Tensor(), true, all_rows);
+    f = forward_pass(x, m, o.groups, o.eps, Tensor(), Tensor(), true, all_rows);
   } else {  // psi_{t-1}: the statistic before this call's update
     inv = at::rsqrt(phi + o.eps);
-    f = forward_pass(o.sweeps, x, m, o.groups, o.eps, w * inv, b, true, all_rows);
+    f = forward_pass(x, m, o.groups, o.eps, w * inv, b, true, all_rows);
     y = f.y;
   }
   Tensor psi_b;
@@ -211,15 +186,14 @@ Tensor aten_forward(const Tensor& x, const Tensor& m, const optional<Tensor>& we
   }
   if (!y.defined()) {  // a batch of padding only has no psi_B: it takes psi_{t-1}
     inv = at::rsqrt((o.count > 0 ? psi_b : phi) + o.eps);
-    y = forward_pass(o.sweeps, x, m, o.groups, o.eps, w * inv, b, false, false).y;
+    y = forward_pass(x, m, o.groups, o.eps, w * inv, b, false, false).y;
   }
   saved.push_back(inv);
   saved.push_back(m);
   return y;
 }
 
-// The forward as a fused step (a batch with tokens): y; sets o.ok and the saved tensors, as
-// aten_forward.
+// The forward as a fused step: y; sets o.ok and the saved tensors, as aten_forward.
 Tensor fused_forward(const FusedStep& fused, const Tensor& x, const Tensor& m,
                      const optional<Tensor>& weight, const optional<Tensor>& bias,
                      StepOptions& o, variable_list& saved) {
@@ -245,13 +219,13 @@ struct Gradients {
   Tensor dx, grad_w, grad_b;  // grad_w, grad_b in the compute dtype
 };
 
-// The backward on ATen's operators (and the CPU sweeps); moves nu in place.
+// The backward on ATen's operators; moves nu in place.
 Gradients aten_backward(const Tensor& dy, const variable_list& s, Tensor nu, Mode mode,
-                        int64_t groups, bool sweeps, double count, double rows, double alpha_bkw) {
+                        int64_t groups, double count, double rows, double alpha_bkw) {
   const Tensor x = s[0], w = s[1], r = s[2], inv = s[s.size() - 2], m = s[s.size() - 1];
   const bool token_rows = mode == kPaper;  // Lambda over tokens: the token sum of dy z
   auto pass = [&](const Tensor& a, const Tensor& b, bool b_all_rows, bool sums, bool tokens) {
-    return backward_pass(sweeps, dy, x, r, m, groups, a, b, b_all_rows, sums, tokens);
+    return backward_pass(dy, x, r, m, groups, a, b, b_all_rows, sums, tokens);
   };
   const Tensor a = w * inv;
   BackwardPass g;
@@ -302,8 +276,8 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
     const Tensor x = input.view({-1, C});  // rows = positions
     const Tensor m = token_weights.value_or(Tensor());
     const FusedStep* fused = fused_step(x, o.sweeps);
-    const bool use_fused = fused != nullptr && o.count > 0 &&
-                           fused->supports(x, o.running_phi, o.running_nu);
+    const bool use_fused = fused != nullptr &&
+                           fused->supports(x, o.running_phi, o.running_nu, o.count);
     variable_list saved;
     const Tensor y = use_fused ? fused_forward(*fused, x, m, weight, bias, o, saved)
                                : aten_forward(x, m, weight, bias, o, saved);
@@ -312,7 +286,6 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
     ctx->saved_data["nu"] = o.running_nu;
     ctx->saved_data["mode"] = static_cast<int64_t>(o.mode);
     ctx->saved_data["groups"] = o.groups;
-    ctx->saved_data["sweeps"] = o.sweeps;
     ctx->saved_data["count"] = o.count;
     ctx->saved_data["rows"] = o.rows;
     ctx->saved_data["alpha_bkw"] = o.alpha_bkw;
@@ -342,8 +315,7 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
           alpha_bkw, bias_dtype != at::ScalarType::Undefined);
       g = {f.dx, f.grad_w, f.grad_b};
     } else {
-      g = aten_backward(dy, s, nu, mode, groups, ctx->saved_data["sweeps"].toBool(), count, rows,
-                        alpha_bkw);
+      g = aten_backward(dy, s, nu, mode, groups, count, rows, alpha_bkw);
     }
     Tensor grad_w, grad_b;
     if (weight_dtype != at::ScalarType::Undefined) grad_w = as(g.grad_w, weight_dtype);
@@ -353,8 +325,8 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
 };
 
 // The training call: returns (y, ok), ok a 0-d bool (psi_B^2 finite; true for a batch
-// without tokens, which has no psi_B and updates nothing). `sweeps`: run the passes with the
-// CPU kernels (x on the CPU), else with ATen operators.
+// without tokens, which has no psi_B and updates nothing). `sweeps`: on the CPU, run the fused
+// step on the one-sweep kernels (else ATen's operators; a switch for the tests).
 std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, Tensor running_phi,
                                Tensor running_nu, Tensor num_steps,
