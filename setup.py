@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.9",
     # ninja: torch's extension builder needs it to build the native CPU kernels on first use
     install_requires=["torch>=2.0", "ninja"],
-    package_data={"powernorm_plugin.modules": ["csrc/*.cpp", "csrc/*.h"]},
+    package_data={"powernorm_plugin.modules": ["csrc/*.cpp", "csrc/*.h", "csrc/*.cu"]},
     extras_require={
         "fairseq": FAIRSEQ,
         "recipes": FAIRSEQ + RECIPES,

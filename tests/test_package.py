@@ -54,3 +54,23 @@ print("ok")
 """
     out = run_python(code)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_installed_package_carries_every_source_the_native_library_builds_from():
+    # a non-editable install builds the native library from the installed csrc/ folder
+    import ast
+    import fnmatch
+
+    from powernorm_plugin.modules import native_kernels
+
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+        setup_call = next(node for node in ast.walk(ast.parse(f.read()))
+                          if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in setup_call.keywords
+                                         if k.arg == "package_data"))
+    patterns = package_data["powernorm_plugin.modules"]
+    modules_dir = os.path.dirname(native_kernels.__file__)
+    for path in native_kernels.SOURCES + native_kernels.HEADERS + [native_kernels.CUDA_SOURCE]:
+        assert os.path.isfile(path), path
+        relative = os.path.relpath(path, modules_dir)
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
