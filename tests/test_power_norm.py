@@ -431,3 +431,31 @@ def test_build_norm_kinds():
     torch.testing.assert_close(ln(x, padding_mask=None), torch.nn.functional.layer_norm(x, (C,)))
     rms = build_norm("rms", C)
     torch.testing.assert_close(rms(x), x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5))
+
+
+@pytest.mark.slow
+def test_model_under_torch_compile_trains_as_in_eager():
+    # torch.compile stops in front of the native step (a graph break) and runs it eagerly
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(C, C)
+            self.norm = PowerNorm(C, group_num=3, warmup_updates=2)
+
+        def forward(self, x, pad):
+            return self.norm(self.lin(x), pad)
+
+    torch.manual_seed(0)
+    eager = Block()
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(compiled)
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(3):
+        x, pad, dy = random_batch(gen, torch.float32)
+        for model, call in ((eager, eager), (compiled, step)):
+            model.zero_grad()
+            call(x, pad).backward(dy)
+    torch.testing.assert_close(compiled.lin.weight.grad, eager.lin.weight.grad)
+    for name, buffer in eager.norm.named_buffers():
+        torch.testing.assert_close(getattr(compiled.norm, name), buffer)
+    assert int(compiled.norm.num_steps) == 3

@@ -268,6 +268,24 @@ def _compiled_math(fn, cfg):
     return _compiled[key]
 
 
+def _compiling():
+    """Whether torch.compile is tracing this call (False on a torch without torch.compiler)."""
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
+
+
+_eager_native_step = []
+
+
+def _native_step_under_compile():
+    """:func:`_native_step` for a model that torch.compile is tracing: its C++ operator
+    computes on real tensors, so the tracer must stop in front of it (a graph break) and let
+    it run eagerly. Wrapped on first use, since importing the compiler takes seconds."""
+    if not _eager_native_step:
+        _eager_native_step.append(torch.compiler.disable(_native_step))
+    return _eager_native_step[0]
+
+
 def defers_checks(x):
     """Whether a training call on ``x`` reports a non-finite psi_B^2 at the next call instead
     of at once: on CUDA, where testing at once would make the host wait for the device."""
@@ -409,7 +427,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         buffers = (self.running_phi, self.running_nu, self.num_steps)
         group = distributed_world(self.sync, self.process_group)
         if cfg.kernels.train_step is not None and group is None:
-            return _native_step(x.contiguous(), self.weight, self.bias, *buffers, mask, cfg)
+            step = _native_step_under_compile() if _compiling() else _native_step
+            return step(x.contiguous(), self.weight, self.bias, *buffers, mask, cfg)
         y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), self.weight, self.bias,
                                     *buffers, mask, cfg, group)
         return y.view(T, B, C)
