@@ -23,18 +23,9 @@ optional<Tensor> maybe(const Tensor& t) {
   return t.defined() ? optional<Tensor>(t) : c10::nullopt;
 }
 
-template <typename A>
-const A* ptr(const Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
-}
-
 bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
               int64_t /*count*/) {
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const Tensor* t : {&running_phi, &running_nu}) {
-    if (t->scalar_type() != acc || !t->is_contiguous() || !t->is_cpu()) return false;
-  }
-  return x.is_cpu();
+  return x.is_cpu() && buffers_fit(x, running_phi, running_nu);
 }
 
 // scale = gamma * inv, shift = beta (1 and 0 without them): the affine map of the output.

@@ -316,16 +316,6 @@ __global__ void finish_backward(const A* __restrict__ partial, int64_t blocks, i
   }
 }
 
-template <typename A>
-const A* ptr(const Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
-}
-
-template <typename A>
-A* mutable_ptr(const Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
-}
-
 size_t group_shared_bytes(int64_t C, int64_t G, size_t element) {
   return G ? static_cast<size_t>(C + G) * element : 0;
 }
@@ -333,11 +323,8 @@ size_t group_shared_bytes(int64_t C, int64_t G, size_t element) {
 // A batch of padding only (count 0) is left to ATen's operators.
 bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
               int64_t count) {
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return count > 0 && x.is_cuda() && x.size(-1) <= kMaxColumns && x.numel() > 0 &&
-         running_phi.scalar_type() == acc && running_nu.scalar_type() == acc &&
-         running_phi.is_contiguous() && running_nu.is_contiguous() &&
-         running_phi.device() == x.device();
+         buffers_fit(x, running_phi, running_nu);
 }
 
 FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Tensor& b,
@@ -377,16 +364,16 @@ FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (use_batch) {  // sums first, output second
-      rows(nullptr, false, nullptr, mutable_ptr<A>(out.r), partial.data_ptr<A>());
+      rows(nullptr, false, nullptr, ptr<A>(out.r), partial.data_ptr<A>());
     } else {  // psi_{t-1}: running_phi as it is before this call's update
-      rows(running_phi.data_ptr<A>(), true, out.y.data_ptr<scalar_t>(), mutable_ptr<A>(out.r),
+      rows(running_phi.data_ptr<A>(), true, out.y.data_ptr<scalar_t>(), ptr<A>(out.r),
            partial.data_ptr<A>());
     }
     finish_forward<A><<<1, finish_threads, 0, stream>>>(
         partial.data_ptr<A>(), blocks.count, parts, C, static_cast<A>(count), eps_a,
         running_phi.data_ptr<A>(), num_steps.data_ptr<int64_t>(), out.ok.data_ptr<bool>(),
-        out.psi_b.data_ptr<A>(), mutable_ptr<A>(out.all_sq), out.inv.data_ptr<A>(),
-        mutable_ptr<A>(out.inv_b), mode, warm, use_batch,
+        out.psi_b.data_ptr<A>(), ptr<A>(out.all_sq), out.inv.data_ptr<A>(),
+        ptr<A>(out.inv_b), mode, warm, use_batch,
         static_cast<A>(warm ? 1.0 / static_cast<double>(step) : 0.0),
         static_cast<A>(1.0 - alpha_fwd));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -434,8 +421,8 @@ FusedBackward backward(const Tensor& dy, const Tensor& x, const Tensor& r, const
     sweep(vanilla ? nullptr : out.dx.data_ptr<scalar_t>(), partial.data_ptr<A>());
     finish_backward<A><<<1, finish_threads, 0, stream>>>(
         partial.data_ptr<A>(), blocks.count, parts, C, ptr<A>(w), inv.data_ptr<A>(),
-        ptr<A>(psi_b), ptr<A>(all_sq), running_nu.data_ptr<A>(), mutable_ptr<A>(out.grad_w),
-        mutable_ptr<A>(out.grad_b), mutable_ptr<A>(b_given), mode, static_cast<A>(count),
+        ptr<A>(psi_b), ptr<A>(all_sq), running_nu.data_ptr<A>(), ptr<A>(out.grad_w),
+        ptr<A>(out.grad_b), ptr<A>(b_given), mode, static_cast<A>(count),
         static_cast<A>(rows), static_cast<A>(1.0 - alpha_bkw));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (vanilla) sweep(out.dx.data_ptr<scalar_t>(), nullptr);

@@ -49,6 +49,28 @@ const FusedStep& cpu_step();
 // CUDA's fused step, or nullptr where the library was built without it.
 const FusedStep*& cuda_step();
 
+// Statistics are accumulated in fp64 for fp64 input and in fp32 for every other dtype.
+inline at::ScalarType compute_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Whether the running buffers are what a fused step writes through its pointers: contiguous,
+// in x's compute dtype, on x's device.
+inline bool buffers_fit(const at::Tensor& x, const at::Tensor& running_phi,
+                        const at::Tensor& running_nu) {
+  for (const at::Tensor* t : {&running_phi, &running_nu}) {
+    if (t->scalar_type() != compute_dtype(x) || !t->is_contiguous() || t->device() != x.device())
+      return false;
+  }
+  return true;
+}
+
+// A tensor's data, or nullptr for an undefined (absent) tensor.
+template <typename A>
+A* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+
 // Counts a change that a kernel wrote through a tensor's data pointer in its version, as an
 // in-place operator would (the host mirror of num_steps follows the version).
 inline void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }

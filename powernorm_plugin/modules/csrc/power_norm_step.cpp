@@ -51,10 +51,6 @@ Mode parse_mode(const std::string& mode) {
   TORCH_CHECK(false, "PowerNorm mode must be one of paper, official, vanilla; got '", mode, "'");
 }
 
-at::ScalarType compute_dtype(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor as(const Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
