@@ -41,12 +41,13 @@ def run_module_steps(pn, batches):
 
 
 def layer_backend(backend, monkeypatch):
-    """The backend name for PowerNorm; ``native-aten`` is the native C++ step with the ATen
-    passes that it runs off the CPU, forced onto CPU tensors."""
-    if backend == "native-aten":
+    """The backend name for PowerNorm; ``native-python`` is the native backend with every call
+    declined by its C++ step, so that it runs as the Python step on the native passes (as
+    synchronized statistics do, and the calls the C++ step has no fused kernels for)."""
+    if backend == "native-python":
         from powernorm_plugin.modules.native_kernels import NativeKernels
 
-        monkeypatch.setattr(NativeKernels, "sweeps", False)
+        monkeypatch.setattr(NativeKernels, "fused", False)
         return "native"
     return backend
 
@@ -58,8 +59,8 @@ def layer_backend(backend, monkeypatch):
     ("eager", torch.float32, 2e-4),
     ("native", torch.float64, 1e-10),
     ("native", torch.float32, 2e-4),
-    ("native-aten", torch.float64, 1e-10),
-    ("native-aten", torch.float32, 2e-4),
+    ("native-python", torch.float64, 1e-10),
+    ("native-python", torch.float32, 2e-4),
     pytest.param("compiled", torch.float32, 2e-4, marks=pytest.mark.slow),
 ])
 def test_matches_equations_over_consecutive_steps(mode, groups, backend, dtype, tol, monkeypatch):
@@ -385,7 +386,7 @@ def test_auto_backend_falls_back_with_a_warning_where_kernels_cannot_be_built(mo
 
 @pytest.mark.parametrize("mode,groups,affine", [
     ("paper", None, False), ("official", 3, True), ("vanilla", 3, False)])
-@pytest.mark.parametrize("backend", ["native", "native-aten"])
+@pytest.mark.parametrize("backend", ["native", "native-python"])
 def test_native_step_on_a_batch_of_padding_only(backend, mode, groups, affine, monkeypatch):
     # no tokens: y takes psi_{t-1}, nothing moves; affine=False: no parameter gradients
     backend = layer_backend(backend, monkeypatch)
@@ -408,18 +409,29 @@ def test_native_step_on_a_batch_of_padding_only(backend, mode, groups, affine, m
     assert int(results[1][-1]) == 0
 
 
-def test_native_step_refuses_the_cpu_sweeps_for_tensors_off_the_cpu():
+def test_native_step_declines_calls_without_fused_kernels():
+    # the C++ step takes no call that none of its fused steps handles (here: float64 input
+    # with float32 running buffers, and a device without kernels); it then does nothing and
+    # returns nothing, and the layer runs the Python step instead
     from powernorm_plugin.modules.native_kernels import NativeKernels
 
     ops = NativeKernels().ops
-    x = torch.ones(4, C, device="meta")
-    buffers = torch.ones(C), torch.zeros(C), torch.zeros((), dtype=torch.long)
-    with pytest.raises(RuntimeError, match="one-sweep passes run on CPU tensors only.*meta"):
-        ops.train_step(x, None, None, *buffers, None, 4, 4, 0, False, False, "paper", 1e-5,
-                       0.9, 0.9, 0, True)
+    phi, nu, steps = torch.ones(C), torch.zeros(C), torch.zeros((), dtype=torch.long)
+    args = (None, 4, 4, 0, False, False, "paper", 1e-5, 0.9, 0.9, 0)
+    for x in (torch.ones(4, C, dtype=torch.float64), torch.ones(4, C, device="meta")):
+        assert ops.train_step(x, None, None, phi, nu, steps, *args) == []
+    assert int(steps) == 0 and bool(phi.eq(1).all()) and bool(nu.eq(0).all())
     with pytest.raises(RuntimeError, match="mode must be one of paper, official, vanilla"):
-        ops.train_step(torch.ones(4, C), None, None, *buffers, None, 4, 4, 0, False, False,
-                       "pape", 1e-5, 0.9, 0.9, 0, True)
+        ops.train_step(torch.ones(4, C), None, None, phi, nu, steps, None, 4, 4, 0, False,
+                       False, "pape", 1e-5, 0.9, 0.9, 0)
+
+    x, pad, dy = random_batch(torch.Generator().manual_seed(3))  # float64, into float32 layers
+    results = []
+    for backend in ("eager", "native"):
+        pn = PowerNorm(C, group_num=3, warmup_updates=1, backend=backend)
+        results.append(run_module_steps(pn, [(x, pad, dy)] * 2))
+    for e, n in zip(*results):
+        torch.testing.assert_close(n, e, rtol=1e-12, atol=1e-12)
 
 
 def test_build_norm_kinds():

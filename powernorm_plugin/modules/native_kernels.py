@@ -4,7 +4,7 @@ The library holds PowerNorm's training step as one C++ autograd function
 (``power_norm_step.cpp``), the one-sweep CPU passes and the CPU's fused step
 (``power_norm_cpu.cpp``, ``power_norm_cpu_step.cpp``) and, where a CUDA device and CUDA's
 compiler are present, the CUDA kernels of the GPU's fused step (``power_norm_cuda.cu``,
-compiled for the visible GPU). Without those the step runs on ATen's operators on a GPU.
+compiled for the visible GPU). Without those, a step on a GPU runs as PowerNorm's Python step.
 
 torch's extension builder compiles it once per machine (about 30 s on two cores for the CPU
 sources; it needs a C++ compiler and ninja, a dependency of this package), and the library is
@@ -58,8 +58,8 @@ def cache_dir():
 def cuda_target():
     """The GPU architectures to build the fused CUDA kernels for ("sm_90", "sm_80+sm_90"),
     those of the visible devices (as torch's builder compiles for), or None: without a CUDA
-    build of torch, a device or CUDA's compiler the library is built for the CPU only (its
-    step then runs on ATen's operators on a GPU)."""
+    build of torch, a device or CUDA's compiler the library is built for the CPU only (a step
+    on a GPU then runs as PowerNorm's Python step)."""
     if torch.version.cuda is None or not torch.cuda.is_available():
         return None
     from torch.utils.cpp_extension import CUDA_HOME
@@ -94,8 +94,8 @@ def load_library():
             return _load(cuda)
         except Exception as err:  # noqa: BLE001  (any build failure: the CPU-only library)
             text = str(err).strip().splitlines()
-            logger.warning("powernorm_plugin: PowerNorm's CUDA kernels did not build (%s); its "
-                           "native step runs on ATen's operators on the GPU",
+            logger.warning("powernorm_plugin: PowerNorm's CUDA kernels did not build (%s); on "
+                           "the GPU its native backend runs the slower Python step",
                            text[-1] if text else err)
     return _load(None)
 
@@ -123,24 +123,26 @@ def _load(cuda):
 
 class NativeKernels(EagerKernels):
     """PowerNorm's training step as one C++ autograd function (``csrc/power_norm_step.cpp``)
-    whose passes on the CPU are each one sweep of hand-written C++ (see kernels.py); off the
-    CPU the passes are ATen operators, run from C++.
+    on hand-written kernels: on the CPU one-sweep passes (see kernels.py), on a GPU the CUDA
+    kernels where the library has them.
 
-    The passes are also PowerNorm's Python step's, for synchronized statistics (whose
-    all-reduce stays in Python); off the CPU those are the eager formulas. The stand-alone
-    group scaling (:class:`GroupScaling`) keeps the eager formulas.
+    Its passes are also PowerNorm's Python step's, which runs the calls the C++ step declines
+    and synchronized statistics (whose all-reduce stays in Python); off the CPU those passes
+    are the eager formulas. The stand-alone group scaling (:class:`GroupScaling`) keeps the
+    eager formulas.
     """
 
     name = "native"
-    sweeps = True  # on CPU tensors the step runs fused on the one-sweep kernels (False: on ATen)
+    fused = True  # False: every call runs as the Python step (a switch for the tests)
 
     def __init__(self):
         self.ops = load_library()
 
     def train_step(self, x, *args):
         """torch.ops.powernorm_plugin.train_step on ``x`` and ``args`` (see the C++ file):
-        (y, a 0-d bool that says whether psi_B^2 was finite)."""
-        return self.ops.train_step(x, *args, self.sweeps and x.device.type == "cpu")
+        (y, a 0-d bool that says whether psi_B^2 was finite), or an empty list where the C++
+        step does not take the call (nothing was done)."""
+        return self.ops.train_step(x, *args) if self.fused else []
 
     def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         if x.device.type != "cpu":

@@ -69,9 +69,9 @@ class PowerNormConfig(NamedTuple):
 
 class PowerNormFunction(torch.autograd.Function):
     """Training-mode PowerNorm on 2-D input ``x`` (rows = T*B positions, columns = features),
-    as the compiled and eager backends run it, and every backend with synchronized statistics
-    (``group``: the process group, or None). The native backend's step is the same arithmetic
-    in C++ (:func:`_native_step`).
+    as the compiled and eager backends run it, every backend with synchronized statistics
+    (``group``: the process group, or None), and the native backend where its C++ step
+    (:func:`_native_step`, the same arithmetic) has no fused kernels for the call.
 
     ``cfg.groups`` applies the per-token group RMS scaling to ``x`` first (z = x * r); the
     scaling is part of the same passes, so only ``x`` and the small ``r`` are saved.
@@ -144,14 +144,18 @@ def _call_plan(cfg, num_steps, deferred):
 def _native_step(x, weight, bias, running_phi, running_nu, num_steps, mask, cfg):
     """A training call on the (T, B, C) ``x`` as the C++ autograd function of the native
     backend (``csrc/power_norm_step.cpp``: the arithmetic of :func:`_forward_math` and
-    :func:`_backward_math`, buffer updates included); y."""
+    :func:`_backward_math`, buffer updates included); y, or None where the C++ step does not
+    take the call (no fused kernels for it), which then runs as :class:`PowerNormFunction`."""
     deferred = defers_checks(x)
     step, warm, use_batch = _call_plan(cfg, num_steps, deferred)
     version = num_steps._version
-    y, ok = cfg.kernels.train_step(
+    out = cfg.kernels.train_step(
         x, weight, bias, running_phi, running_nu, num_steps, mask.weights, mask.count,
         mask.rows, step or 0, warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.alpha_bkw,
         cfg.groups or 0)
+    if not out:
+        return None
+    y, ok = out
     if deferred:
         cfg.checks.record(ok)
     elif not ok:  # the step left psi^2 and num_steps as they were
@@ -428,7 +432,9 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         group = distributed_world(self.sync, self.process_group)
         if cfg.kernels.train_step is not None and group is None:
             step = _native_step_under_compile() if _compiling() else _native_step
-            return step(x.contiguous(), self.weight, self.bias, *buffers, mask, cfg)
+            y = step(x.contiguous(), self.weight, self.bias, *buffers, mask, cfg)
+            if y is not None:
+                return y
         y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), self.weight, self.bias,
                                     *buffers, mask, cfg, group)
         return y.view(T, B, C)

@@ -1,8 +1,8 @@
 // PowerNorm's training step on a CUDA device in four kernel launches (six in warm-up and PN-V).
 //
 // On a GPU, at the sizes of NMT training, a normalization layer's cost is its host time, and
-// that is mostly one driver call per kernel: LayerNorm launches five. The C++ step's ATen
-// operators launch about forty; here each direction is one sweep over the rows and one
+// that is mostly one driver call per kernel: LayerNorm launches five. A step on ATen's
+// operators launches about forty; here each direction is one sweep over the rows and one
 // small kernel that finishes the statistics:
 //
 //   forward   rows:    y_n = z_n w / sqrt(psi^2 + eps) + b; per block of rows, the column sums
@@ -320,7 +320,7 @@ size_t group_shared_bytes(int64_t C, int64_t G, size_t element) {
   return G ? static_cast<size_t>(C + G) * element : 0;
 }
 
-// A batch of padding only (count 0) is left to ATen's operators.
+// A batch of padding only (count 0) is left to the Python step.
 bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
               int64_t count) {
   return count > 0 && x.is_cuda() && x.size(-1) <= kMaxColumns && x.numel() > 0 &&

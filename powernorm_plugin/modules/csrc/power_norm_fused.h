@@ -3,7 +3,7 @@
 // power_norm_columns.h, with no tensor operator in between. Two of them: the CPU's
 // (power_norm_cpu_step.cpp, on the one-sweep kernels of power_norm_cpu.cpp) and CUDA's
 // (power_norm_cuda.cu), which the library has only where CUDA was there to compile it.
-// power_norm_step.cpp calls them, and ATen's operators where neither applies.
+// power_norm_step.cpp calls them; a call neither takes runs as PowerNorm's Python step.
 #pragma once
 
 #include <ATen/core/Tensor.h>
