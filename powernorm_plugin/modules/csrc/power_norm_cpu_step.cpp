@@ -53,12 +53,18 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
   A* phi = running_phi.data_ptr<A>();
   A* inv = out.inv.data_ptr<A>();
   Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts);
-  if (count == 0) {  // a batch of padding only has no psi_B: y takes psi_{t-1}, nothing moves
+  std::vector<Tensor> pass;
+  if (use_batch && count > 0) {  // the scale needs this batch's psi_B: sums first, output second
+    pass = forward(x, maybe(m), groups, eps, c10::nullopt, c10::nullopt, true, all_rows);
+  } else {  // psi_{t-1}: running_phi as it is before this call's update (a batch of padding
+            // only has no psi_B, and then nothing moves)
     for (int64_t c = 0; c < C; ++c) inv[c] = rsqrt_(phi[c] + eps_a);
     affine<A>(ptr<A>(w), ptr<A>(b), inv, C, scale, shift);
-    std::vector<Tensor> pass = forward(x, maybe(m), groups, eps, scale, shift, false, false);
+    pass = forward(x, maybe(m), groups, eps, scale, shift, count > 0, all_rows);
     out.y = pass[0];
-    if (groups) out.r = pass[3];
+  }
+  if (groups) out.r = pass[3];
+  if (count == 0) {
     out.ok = at::scalar_tensor(true, x.options().dtype(at::kBool));
     return out;
   }
@@ -66,16 +72,6 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
   if (all_rows) out.inv_b = at::empty({C}, opts);
   A* psi_b = out.psi_b.data_ptr<A>();
   A* inv_b = all_rows ? out.inv_b.data_ptr<A>() : nullptr;
-  std::vector<Tensor> pass;
-  if (use_batch) {  // the scale needs this batch's psi_B: sums first, output second
-    pass = forward(x, maybe(m), groups, eps, c10::nullopt, c10::nullopt, true, all_rows);
-  } else {  // psi_{t-1}: running_phi as it is before this call's update
-    for (int64_t c = 0; c < C; ++c) inv[c] = rsqrt_(phi[c] + eps_a);
-    affine<A>(ptr<A>(w), ptr<A>(b), inv, C, scale, shift);
-    pass = forward(x, maybe(m), groups, eps, scale, shift, true, all_rows);
-    out.y = pass[0];
-  }
-  if (groups) out.r = pass[3];
   if (all_rows) out.all_sq = m.defined() ? pass[2] : pass[1];
   const A* token_sq = pass[1].data_ptr<A>();
   bool ok = true;
