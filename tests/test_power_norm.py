@@ -434,6 +434,38 @@ def test_native_step_declines_calls_without_fused_kernels():
         torch.testing.assert_close(n, e, rtol=1e-12, atol=1e-12)
 
 
+class Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_parametrized_weight_is_the_one_a_call_uses(backend):
+    # a call reads gamma from the module's parameter dict, and from the attribute where a
+    # parametrization has moved it out of there
+    from torch.nn.utils import parametrize
+
+    gen = torch.Generator().manual_seed(4)
+    batches = [random_batch(gen, dtype=torch.float32) for _ in range(2)]
+    plain = PowerNorm(C, backend=backend)
+    param = PowerNorm(C, backend=backend)
+    parametrize.register_parametrization(param, "weight", Doubled())
+    with torch.no_grad():
+        plain.weight.fill_(2.0)  # what param's weight, 2 * 1, is
+    for x, pad, dy in batches:
+        outs = []
+        for pn in (plain, param):
+            xg = x.clone().requires_grad_(True)
+            pn.zero_grad()
+            pn(xg, pad).backward(dy)
+            outs.append((xg.grad, pn.bias.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    # gamma's gradient reaches the parametrization's original tensor: d(2 w)/dw = 2
+    torch.testing.assert_close(param.parametrizations.weight.original.grad, 2 * plain.weight.grad)
+    x = batches[0][0]
+    torch.testing.assert_close(param.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
 def test_build_norm_kinds():
     assert isinstance(build_norm("power", C, group_num=3), PowerNorm)
     assert build_norm("power_vanilla", C).mode == "vanilla"
