@@ -346,6 +346,24 @@ def test_native_matches_eager_on_outputs_written_with_streaming_stores(mode, gro
         torch.testing.assert_close(n.float(), e.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("features,groups", [(256, 8), (512, 8), (512, 4)])
+def test_native_group_spans_compiled_as_constants_match_eager(mode, features, groups):
+    # float input with 32, 64 or 128 channels per group runs kernels compiled for that span
+    # (with_span in power_norm_cpu.cpp); a warm-up step, then a step on running statistics
+    gen = torch.Generator().manual_seed(8)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[2:, -3:] = True
+    batches = [(torch.randn(T, B, features, generator=gen) * 2 + 0.5, pad,
+                torch.randn(T, B, features, generator=gen)) for _ in range(2)]
+    results = []
+    for backend in ("eager", "native"):
+        pn = PowerNorm(features, mode=mode, group_num=groups, warmup_updates=1, backend=backend)
+        results.append(run_module_steps(pn, batches))
+    for e, n in zip(*results):
+        torch.testing.assert_close(n, e, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode,groups", [("paper", None), ("vanilla", 3), ("official", 3)])
 def test_native_results_do_not_depend_on_the_thread_count(mode, groups):
     gen = torch.Generator().manual_seed(5)

@@ -6,7 +6,7 @@ The library holds PowerNorm's training step as one C++ autograd function
 compiler are present, the CUDA kernels of the GPU's fused step (``power_norm_cuda.cu``,
 compiled for the visible GPU). Without those, a step on a GPU runs as PowerNorm's Python step.
 
-torch's extension builder compiles it once per machine (about 30 s on two cores for the CPU
+torch's extension builder compiles it once per machine (about a minute on two cores for the CPU
 sources; it needs a C++ compiler and ninja, a dependency of this package), and the library is
 cached in ``$TORCH_EXTENSIONS_DIR/powernorm_plugin`` (default ``~/.cache/torch_extensions``),
 under a key made of the sources, the compiler flags, the torch build and the GPU target.
@@ -108,7 +108,7 @@ def _load(cuda):
         return torch.ops.powernorm_plugin
     from torch.utils.cpp_extension import load
 
-    logger.info("powernorm_plugin: building PowerNorm's kernels (once, about 30 s%s) into %s",
+    logger.info("powernorm_plugin: building PowerNorm's kernels (once, about a minute%s) into %s",
                 ", longer with CUDA's" if cuda else "", os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sources = SOURCES + ([CUDA_SOURCE] if cuda else [])
