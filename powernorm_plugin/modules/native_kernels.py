@@ -6,9 +6,9 @@ The library holds PowerNorm's training step as one C++ autograd function
 compiler are present, the CUDA kernels of the GPU's fused step (``power_norm_cuda.cu``,
 compiled for the visible GPU). Without those, a step on a GPU runs as PowerNorm's Python step.
 
-torch's extension builder compiles it once per machine (about a minute on two cores for the CPU
-sources; it needs a C++ compiler and ninja, a dependency of this package), and the library is
-cached in ``$TORCH_EXTENSIONS_DIR/powernorm_plugin`` (default ``~/.cache/torch_extensions``),
+torch's extension builder compiles it once per machine (about a minute on two cores for the
+CPU sources; it needs a C++ compiler and ninja, a dependency of this package), and the library
+is cached in ``$TORCH_EXTENSIONS_DIR/powernorm_plugin`` (default ``~/.cache/torch_extensions``),
 under a key made of the sources, the compiler flags, the torch build and the GPU target.
 Later processes load it directly, in milliseconds.
 

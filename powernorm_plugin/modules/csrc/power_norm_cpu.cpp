@@ -308,11 +308,11 @@ void check_vector(const c10::optional<Tensor>& t, int64_t len, at::ScalarType ac
               len, ", got ", t->scalar_type(), " of shape ", t->sizes());
 }
 
-// Calls f with std::integral_constant<int64_t, span>, span the channels per group of float
-// input where it is one of fairseq's usual C / groups (256 to 1024 features in 4 to 16
-// groups), else 0. With the span a constant the compiler lays out each group's short loops
-// without run-time trip counts, which makes the group-scaled passes about a quarter faster
-// (at (512, 512) in cache: forward 120 -> 90 us, backward 205 -> 150 us; same results).
+// Calls f with std::integral_constant<int64_t, span>: span the channels per group where the
+// input is float and that is 32, 64 or 128 (group_num is the number of attention heads, and
+// these are the head sizes of fairseq's transformers), else 0. With the span a constant the
+// compiler lays out each group's short loops without run-time trip counts: the group-scaled
+// passes are about a quarter faster, with the same results (benchmarks/README.md).
 template <typename scalar_t, typename F>
 void with_span(int64_t groups, int64_t C, F&& f) {
   if constexpr (std::is_same<scalar_t, float>::value) {
