@@ -484,6 +484,28 @@ def test_parametrized_weight_is_the_one_a_call_uses(backend):
     x = batches[0][0]
     torch.testing.assert_close(param.eval()(x), plain.eval()(x), rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_functional_call_tensors_are_the_ones_a_call_uses_and_moves(backend):
+    # torch.func.functional_call swaps in other parameters and buffers for one call: the call
+    # normalizes with those and moves the given running statistics, not the module's
+    from torch.func import functional_call
+
+    x, pad, _ = random_batch(torch.Generator().manual_seed(5), dtype=torch.float32)
+    pn, ref = PowerNorm(C, backend=backend), PowerNorm(C, backend=backend)
+    with torch.no_grad():
+        ref.weight.fill_(2.0)
+        ref.running_phi.fill_(4.0)
+    given = {"weight": torch.full((C,), 2.0), "running_phi": torch.full((C,), 4.0),
+             "running_nu": torch.zeros(C), "num_steps": torch.zeros((), dtype=torch.long)}
+    y = functional_call(pn, given, (x, pad))
+    torch.testing.assert_close(y, ref(x, pad), rtol=0, atol=0)
+    torch.testing.assert_close(given["running_phi"], ref.running_phi, rtol=0, atol=0)
+    assert int(given["num_steps"]) == 1 and bool(pn.running_phi.eq(1).all())
+    pn.eval(), ref.eval()
+    y = functional_call(pn, {"weight": given["weight"], "running_phi": given["running_phi"]}, (x,))
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+
 def test_build_norm_kinds():
     assert isinstance(build_norm("power", C, group_num=3), PowerNorm)
     assert build_norm("power_vanilla", C).mode == "vanilla"
