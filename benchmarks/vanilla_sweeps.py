@@ -24,6 +24,7 @@ import torch
 
 from norm_speed import keep_freed_memory_mapped, padding_mask, step_fn
 from powernorm_plugin.modules import PowerNorm
+from powernorm_plugin.modules._util import token_mask
 from powernorm_plugin.modules.native_kernels import load_library
 
 
@@ -34,7 +35,7 @@ def bench(shape, rounds, iters):
     dy = torch.randn(T, B, C, generator=gen)
     pad = padding_mask(T, B, "cpu")
     rows_x, rows_dy = x.detach().reshape(T * B, C), dy.reshape(T * B, C)
-    weights = pad.t().logical_not().reshape(T * B).float()  # 1 on token rows
+    weights = token_mask(pad, T, B, x.device, torch.float32, "PowerNorm").weights  # 1 on tokens
     ops = load_library()
     steps = {
         "LayerNorm step": step_fn(torch.nn.LayerNorm(C), x, dy, pad, False),

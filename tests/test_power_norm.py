@@ -14,9 +14,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
-def random_batch(gen, dtype=torch.float64, pad_frac=0.3):
-    x = torch.randn(T, B, C, generator=gen, dtype=dtype) * 2 + 0.5
-    dy = torch.randn(T, B, C, generator=gen, dtype=dtype)
+def random_batch(gen, dtype=torch.float64, pad_frac=0.3, features=C):
+    x = torch.randn(T, B, features, generator=gen, dtype=dtype) * 2 + 0.5
+    dy = torch.randn(T, B, features, generator=gen, dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     lengths[0] = T
     pad = torch.arange(T)[None, :] >= lengths[:, None]  # (B, T)
@@ -352,10 +352,7 @@ def test_native_group_spans_compiled_as_constants_match_eager(mode, features, gr
     # float input with 32, 64 or 128 channels per group runs kernels compiled for that span
     # (with_span in power_norm_cpu.cpp); a warm-up step, then a step on running statistics
     gen = torch.Generator().manual_seed(8)
-    pad = torch.zeros(B, T, dtype=torch.bool)
-    pad[2:, -3:] = True
-    batches = [(torch.randn(T, B, features, generator=gen) * 2 + 0.5, pad,
-                torch.randn(T, B, features, generator=gen)) for _ in range(2)]
+    batches = [random_batch(gen, torch.float32, features=features) for _ in range(2)]
     results = []
     for backend in ("eager", "native"):
         pn = PowerNorm(features, mode=mode, group_num=groups, warmup_updates=1, backend=backend)
@@ -505,6 +502,7 @@ def test_functional_call_tensors_are_the_ones_a_call_uses_and_moves(backend):
     pn.eval(), ref.eval()
     y = functional_call(pn, {"weight": given["weight"], "running_phi": given["running_phi"]}, (x,))
     torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+
 
 def test_build_norm_kinds():
     assert isinstance(build_norm("power", C, group_num=3), PowerNorm)
