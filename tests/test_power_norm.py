@@ -219,6 +219,38 @@ def test_reloaded_or_edited_step_count_is_seen_by_the_next_call():
     assert int(a.num_steps) == 4
 
 
+@pytest.mark.parametrize("setting,value", [("mode", "official"), ("eps", 0.5),
+                                           ("warmup_updates", 5), ("alpha_fwd", 0.3)])
+def test_setting_changed_after_training_applies_to_the_next_call(setting, value):
+    # a layer keeps its call configuration between training calls: changing a setting must
+    # reach the next call, as for a layer built with it
+    gen = torch.Generator().manual_seed(14)
+    batches = [random_batch(gen, torch.float32) for _ in range(3)]
+    a = PowerNorm(C, group_num=3)
+    run_module_steps(a, batches[:1])
+    setattr(a, setting, value)
+    b = PowerNorm(C, group_num=3, **{setting: value})
+    b.load_state_dict(a.state_dict())
+    for u, v in zip(run_module_steps(a, batches[1:]), run_module_steps(b, batches[1:])):
+        assert torch.equal(u, v)
+
+
+def test_copy_of_a_trained_layer_counts_its_own_steps():
+    # a deep copy (fairseq's EMA model, a model copied for evaluation) carries no call
+    # configuration of the original's: its step count and warm-up follow its own buffers
+    gen = torch.Generator().manual_seed(15)
+    batches = [random_batch(gen, torch.float32) for _ in range(4)]
+    a = PowerNorm(C, warmup_updates=3)
+    run_module_steps(a, batches[:2])
+    b = copy.deepcopy(a)
+    run_module_steps(b, batches[2:])
+    assert int(a.num_steps) == 2 and int(b.num_steps) == 4
+    fresh = PowerNorm(C, warmup_updates=3)
+    fresh.load_state_dict(a.state_dict())
+    for u, v in zip(run_module_steps(a, batches[2:]), run_module_steps(fresh, batches[2:])):
+        assert torch.equal(u, v)
+
+
 def test_eval_mode_is_a_fixed_affine_map_and_updates_nothing():
     gen = torch.Generator().manual_seed(8)
     pn = PowerNorm(C)

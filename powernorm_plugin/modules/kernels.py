@@ -290,7 +290,7 @@ def resolve_backend(backend):
 
 
 _warned = set()
-_chosen = {}  # (backend, $POWERNORM_BACKEND) -> kernels: layers ask on every call
+_chosen = {}  # (backend, $POWERNORM_BACKEND) -> kernels, for every layer that asks
 
 
 def kernels_for(backend):

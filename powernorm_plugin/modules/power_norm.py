@@ -67,6 +67,27 @@ class PowerNormConfig(NamedTuple):
     checks: object  # the layer's DeferredFiniteCheck (CUDA)
 
 
+class _ConfigSlot:
+    """A layer's PowerNormConfig, kept between training calls (building it costs several
+    microseconds of host time per call) and dropped when a setting it holds changes.
+    Copies and pickles of the layer get an empty slot: a config refers to its own layer's
+    step counter and finite check."""
+
+    __slots__ = ("cfg",)
+
+    def __init__(self):
+        self.cfg = None
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+#: PowerNorm's attributes that a PowerNormConfig is built from.
+_SETTINGS = frozenset(("mode", "eps", "alpha_fwd", "alpha_bkw", "warmup_updates", "group_num",
+                       "sync", "process_group", "causal", "name", "backend", "_steps",
+                       "_checks"))
+
+
 class PowerNormFunction(torch.autograd.Function):
     """Training-mode PowerNorm on 2-D input ``x`` (rows = T*B positions, columns = features),
     as the compiled and eager backends run it, every backend with synchronized statistics
@@ -368,7 +389,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         backend: ``"auto"`` (``$POWERNORM_BACKEND``, else ``native``, falling back where it
             cannot be built), ``"native"`` (the training step in C++ with hand-written CPU
             and CUDA kernels), ``"compiled"`` (fused by torch.compile) or ``"eager"``; see
-            ``kernels.py``.
+            ``kernels.py``. The kernels are chosen at the layer's first training call.
 
     Buffers (all saved in ``state_dict``): ``running_phi`` (psi^2, starts at 1),
     ``running_nu`` (nu, starts at 0), ``num_steps`` (training calls that saw tokens).
@@ -413,6 +434,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self._steps = StepCounter()
         self._checks = DeferredFiniteCheck()
+        self._config = _ConfigSlot()
 
     def forward(self, x, padding_mask=None):
         check_input(x, self.num_features, self.name)
@@ -424,10 +446,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
                 z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, EAGER)
             return self.eval_affine(z).view(T, B, C)
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
-        cfg = PowerNormConfig(self.mode, self.eps, self.alpha_fwd, self.alpha_bkw,
-                              self.warmup_updates, self.group_num, self.sync, self.process_group,
-                              self.causal, self.name, kernels_for(self.backend),
-                              self._steps, self._checks)
+        cfg = self._config.cfg or self._configure()
         tensors = self._tensors()
         group = distributed_world(self.sync, self.process_group)
         if cfg.kernels.train_step is not None and group is None:
@@ -437,6 +456,21 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
                 return y
         y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), *tensors, mask, cfg, group)
         return y.view(T, B, C)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _SETTINGS and "_config" in self.__dict__:
+            self._config.cfg = None
+
+    def _configure(self):
+        """The PowerNormConfig of this layer's training calls, built at its first call and
+        after any change of a setting; the backend (``auto``: ``$POWERNORM_BACKEND``) is
+        chosen then."""
+        self._config.cfg = PowerNormConfig(
+            self.mode, self.eps, self.alpha_fwd, self.alpha_bkw, self.warmup_updates,
+            self.group_num, self.sync, self.process_group, self.causal, self.name,
+            kernels_for(self.backend), self._steps, self._checks)
+        return self._config.cfg
 
     def _tensors(self):
         """(weight, bias, running_phi, running_nu, num_steps), as a call reads them.
