@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -75,10 +76,12 @@ class BlockSums {
     return block;
   }
 
-  // out[p] = the sum over blocks, in block order, of part p.
-  void reduce(std::vector<Tensor>& out) const {
+  // out[p] = the sum over blocks, in block order, of part p (not computed where out[p] is
+  // nullptr).
+  void reduce(std::initializer_list<acc_t*> out) const {
     for (int64_t p = 0; p < parts_; ++p) {
-      acc_t* dst = out[p].data_ptr<acc_t>();
+      acc_t* dst = out.begin()[p];
+      if (dst == nullptr) continue;
       std::fill(dst, dst + C_, acc_t(0));
       for (int64_t blk = 0; blk < count_; ++blk) {
         const acc_t* src = partial_ + (blk * parts_ + p) * C_;
@@ -171,20 +174,18 @@ class OutputRows {
 // r = 1), in one sweep over the group's span while it is in cache. kSpan: the channels per
 // group as a compile-time constant (see with_span), or 0 to read C / groups at run time.
 template <typename scalar_t, bool kMask, bool kSums, bool kOut, int64_t kSpan>
-void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d,
-                  const Tensor& scale, const Tensor& shift, bool all_rows, Tensor& y, Tensor& r,
-                  std::vector<Tensor>& sums) {
+void forward_impl(const scalar_t* xp, int64_t N, int64_t C, int64_t groups, double eps_d,
+                  const ForwardSweep<at::opmath_type<scalar_t>>& s, scalar_t* yp) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups;
+  const int64_t G = groups == 0 ? 1 : groups;
   const int64_t cg = kSpan ? kSpan : C / G;
   const acc_t eps = static_cast<acc_t>(eps_d), inv_cg = acc_t(1) / static_cast<acc_t>(cg);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const acc_t* mp = kMask ? m.data_ptr<acc_t>() : nullptr;
-  const acc_t* __restrict__ sc = kOut ? scale.data_ptr<acc_t>() : nullptr;
-  const acc_t* __restrict__ sh = kOut ? shift.data_ptr<acc_t>() : nullptr;
-  scalar_t* yp = kOut ? y.data_ptr<scalar_t>() : nullptr;
-  acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
+  const acc_t* mp = s.mask;
+  const acc_t* __restrict__ sc = s.scale;
+  const acc_t* __restrict__ sh = s.shift;
+  acc_t* rp = s.r;
   // parts: token sum of z^2, and (with a mask, where asked for) the all-row sum of z^2
+  const bool all_rows = kMask && s.all_sq != nullptr;
   const BlockSums<acc_t> blocks(N, C, kSums ? (all_rows ? 2 : 1) : 0);
 
   at::parallel_for(0, blocks.count(), 1, [&](int64_t b0, int64_t b1) {
@@ -222,23 +223,21 @@ void forward_impl(const Tensor& x, const Tensor& m, int64_t groups, double eps_d
       }
     }
   });
-  blocks.reduce(sums);
+  blocks.reduce({s.token_sq, s.all_sq});
 }
 
 template <typename scalar_t, bool kMask, bool kSums, bool kGrad, int64_t kSpan>
-void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Tensor& m,
-                   int64_t groups, const Tensor& a, const Tensor& b, bool b_all_rows,
-                   bool token_rows, Tensor& dx, std::vector<Tensor>& sums) {
+void backward_impl(const scalar_t* dyp, const scalar_t* xp, int64_t N, int64_t C,
+                   int64_t groups, const BackwardSweep<at::opmath_type<scalar_t>>& s,
+                   scalar_t* dxp) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), G = groups == 0 ? 1 : groups;
+  const int64_t G = groups == 0 ? 1 : groups;
   const int64_t cg = kSpan ? kSpan : C / G;
-  const scalar_t* dyp = dy.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const acc_t* rp = groups ? r.data_ptr<acc_t>() : nullptr;
-  const acc_t* mp = kMask ? m.data_ptr<acc_t>() : nullptr;
-  const acc_t* __restrict__ ap = kGrad ? a.data_ptr<acc_t>() : nullptr;
-  const acc_t* __restrict__ bp = kGrad ? b.data_ptr<acc_t>() : nullptr;
-  scalar_t* dxp = kGrad ? dx.data_ptr<scalar_t>() : nullptr;
+  const acc_t* rp = s.r;
+  const acc_t* mp = s.mask;
+  const acc_t* __restrict__ ap = s.a;
+  const acc_t* __restrict__ bp = s.b;
+  const bool b_all_rows = s.b_all_rows, token_rows = kMask && s.token_dz != nullptr;
   // parts: token sum of dy z (computed where asked for), all-row sum of dy z, all-row sum of dy
   const BlockSums<acc_t> blocks(N, C, kSums ? 3 : 0);
 
@@ -290,22 +289,26 @@ void backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, const Ten
       }
     }
   });
-  blocks.reduce(sums);
+  blocks.reduce({s.token_dz, s.all_dz, s.dy_sum});
 }
 
-void check_2d(const Tensor& t, const char* name) {
+// Checks a pass's input, (..., C) with C > 0, contiguous, on the CPU; returns its rows.
+int64_t check_rows(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "powernorm_cpu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "powernorm_cpu: ", name,
-              " must be a contiguous (rows, features) tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() >= 2 && t.size(-1) > 0 && t.is_contiguous(), "powernorm_cpu: ", name,
+              " must be a contiguous (..., features) tensor, got shape ", t.sizes());
+  return t.numel() / t.size(-1);
 }
 
-void check_vector(const c10::optional<Tensor>& t, int64_t len, at::ScalarType acc,
-                  const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->is_contiguous() &&
-                  t->scalar_type() == acc && t->device().is_cpu(),
-              "powernorm_cpu: ", name, " must be a contiguous CPU ", acc, " vector of length ",
-              len, ", got ", t->scalar_type(), " of shape ", t->sizes());
+void check_groups(int64_t groups, int64_t C) {
+  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "powernorm_cpu: groups=", groups,
+              " must be 0 or divide the ", C, " features");
+}
+
+void check_output(const Tensor& out, const Tensor& x, const char* name) {
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
+                  out.is_contiguous() && out.device().is_cpu(),
+              "powernorm_cpu: ", name, " must be a contiguous CPU tensor like x");
 }
 
 // Calls f with std::integral_constant<int64_t, span>: span the channels per group where the
@@ -324,102 +327,178 @@ void with_span(int64_t groups, int64_t C, F&& f) {
   f(std::integral_constant<int64_t, 0>());
 }
 
-// Dispatches a kernel over the input dtype, its group span and the three compile-time
-// switches.
-#define POWERNORM_DISPATCH(DTYPE, GROUPS, C, B1, B2, B3, KERNEL, ...)                          \
+// Dispatches a kernel over the input dtype (those whose accumulation type is A), its group
+// span and the three compile-time switches.
+#define POWERNORM_DISPATCH(A, DTYPE, GROUPS, C, B1, B2, B3, KERNEL, ...)                       \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, DTYPE, "powernorm_cpu", [&] {      \
-    with_span<scalar_t>(GROUPS, C, [&](auto span) {                                           \
-      constexpr int64_t S = decltype(span)::value;                                            \
-      if (B1 && B2 && B3) KERNEL<scalar_t, true, true, true, S>(__VA_ARGS__);                 \
-      else if (B1 && B2) KERNEL<scalar_t, true, true, false, S>(__VA_ARGS__);                 \
-      else if (B1 && B3) KERNEL<scalar_t, true, false, true, S>(__VA_ARGS__);                 \
-      else if (B1) KERNEL<scalar_t, true, false, false, S>(__VA_ARGS__);                      \
-      else if (B2 && B3) KERNEL<scalar_t, false, true, true, S>(__VA_ARGS__);                 \
-      else if (B2) KERNEL<scalar_t, false, true, false, S>(__VA_ARGS__);                      \
-      else if (B3) KERNEL<scalar_t, false, false, true, S>(__VA_ARGS__);                      \
-    });                                                                                       \
+    if constexpr (!std::is_same<at::opmath_type<scalar_t>, A>::value) {                       \
+      TORCH_CHECK(false, "powernorm_cpu: ", DTYPE, " input needs ",                           \
+                  c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value, " statistics"); \
+    } else {                                                                                  \
+      with_span<scalar_t>(GROUPS, C, [&](auto span) {                                         \
+        constexpr int64_t S = decltype(span)::value;                                          \
+        if (B1 && B2 && B3) KERNEL<scalar_t, true, true, true, S>(__VA_ARGS__);               \
+        else if (B1 && B2) KERNEL<scalar_t, true, true, false, S>(__VA_ARGS__);               \
+        else if (B1 && B3) KERNEL<scalar_t, true, false, true, S>(__VA_ARGS__);               \
+        else if (B1) KERNEL<scalar_t, true, false, false, S>(__VA_ARGS__);                    \
+        else if (B2 && B3) KERNEL<scalar_t, false, true, true, S>(__VA_ARGS__);               \
+        else if (B2) KERNEL<scalar_t, false, true, false, S>(__VA_ARGS__);                    \
+        else if (B3) KERNEL<scalar_t, false, false, true, S>(__VA_ARGS__);                    \
+      });                                                                                     \
+    }                                                                                         \
   })
 
-// Checks what both passes take: a (rows, C) input, its groups and its token mask; returns
-// the compute dtype.
+template <typename A>
+A* data_or_null(const c10::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<A>() : nullptr;
+}
+
+void check_vector(const c10::optional<Tensor>& t, int64_t len, at::ScalarType acc,
+                  const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == len && t->is_contiguous() &&
+                  t->scalar_type() == acc && t->device().is_cpu(),
+              "powernorm_cpu: ", name, " must be a contiguous CPU ", acc, " vector of length ",
+              len, ", got ", t->scalar_type(), " of shape ", t->sizes());
+}
+
+// What both operators take: an (..., C) input, its groups and its token mask; returns the
+// compute dtype.
 at::ScalarType check_common(const Tensor& x, int64_t groups, const c10::optional<Tensor>& mask) {
-  check_2d(x, "x");
-  const int64_t C = x.size(1);
-  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "powernorm_cpu: groups=", groups,
-              " must be 0 or divide the ", C, " features");
+  const int64_t N = check_rows(x, "x");
+  check_groups(groups, x.size(-1));
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_vector(mask, x.size(0), acc, "mask");
+  check_vector(mask, N, acc, "mask");
   return acc;
 }
 
 }  // namespace
 
+template <typename A>
+void forward_sweep(const Tensor& x, int64_t groups, double eps, const ForwardSweep<A>& s,
+                   const Tensor& y) {
+  const int64_t N = check_rows(x, "x"), C = x.size(-1);
+  check_groups(groups, C);
+  const bool sums = s.token_sq != nullptr, out = s.scale != nullptr;
+  TORCH_CHECK(sums || out, "powernorm_cpu: a forward sweep with nothing to compute");
+  TORCH_CHECK((s.scale != nullptr) == (s.shift != nullptr) && (groups == 0 || s.r != nullptr) &&
+                  (s.all_sq == nullptr || (sums && s.mask != nullptr)),
+              "powernorm_cpu: inconsistent forward sweep");
+  if (out) check_output(y, x, "y");
+  POWERNORM_DISPATCH(A, x.scalar_type(), groups, C, s.mask != nullptr, sums, out, forward_impl,
+                     x.data_ptr<scalar_t>(), N, C, groups, eps, s,
+                     out ? y.data_ptr<scalar_t>() : nullptr);
+}
+
+template <typename A>
+void backward_sweep(const Tensor& dy, const Tensor& x, int64_t groups, const BackwardSweep<A>& s,
+                    const Tensor& dx) {
+  const int64_t N = check_rows(x, "x"), C = x.size(-1);
+  check_groups(groups, C);
+  check_rows(dy, "dy");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "powernorm_cpu: dy must match x in shape and dtype");
+  const bool sums = s.all_dz != nullptr, grad = s.a != nullptr;
+  TORCH_CHECK(sums || grad, "powernorm_cpu: a backward sweep with nothing to compute");
+  TORCH_CHECK((s.a != nullptr) == (s.b != nullptr) && (groups == 0 || s.r != nullptr) &&
+                  (s.all_dz != nullptr) == (s.dy_sum != nullptr) &&
+                  (s.token_dz == nullptr || (sums && s.mask != nullptr)),
+              "powernorm_cpu: inconsistent backward sweep");
+  if (grad) check_output(dx, x, "dx");
+  POWERNORM_DISPATCH(A, x.scalar_type(), groups, C, s.mask != nullptr, sums, grad, backward_impl,
+                     dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), N, C, groups, s,
+                     grad ? dx.data_ptr<scalar_t>() : nullptr);
+}
+
+template void forward_sweep<float>(const Tensor&, int64_t, double, const ForwardSweep<float>&,
+                                   const Tensor&);
+template void forward_sweep<double>(const Tensor&, int64_t, double, const ForwardSweep<double>&,
+                                    const Tensor&);
+template void backward_sweep<float>(const Tensor&, const Tensor&, int64_t,
+                                    const BackwardSweep<float>&, const Tensor&);
+template void backward_sweep<double>(const Tensor&, const Tensor&, int64_t,
+                                     const BackwardSweep<double>&, const Tensor&);
+
+namespace {
+
+// The operators, for PowerNorm's Python step (the C++ step calls the sweeps). Tensors a call
+// does not compute are returned empty.
+
 // Returns (y, token sum of z^2, all-row sum of z^2, r). y is computed where scale and shift
-// are given (else empty), the token sum where `sums` is true and the all-row sum where
-// `all_rows` is true as well (else empty; without a mask the all-row sum is left empty: it
-// equals the token sum), r (rows x groups) where groups > 0.
+// are given, the token sum where `sums` is true and the all-row sum where `all_rows` is true
+// as well (without a mask the all-row sum is left empty: it equals the token sum), r
+// (rows x groups) where groups > 0.
 std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, int64_t groups,
                             double eps, const c10::optional<Tensor>& scale,
                             const c10::optional<Tensor>& shift, bool sums, bool all_rows) {
   const auto acc = check_common(x, groups, mask);
-  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t C = x.size(-1), N = x.numel() / C;
   check_vector(scale, C, acc, "scale");
   check_vector(shift, C, acc, "shift");
   TORCH_CHECK(scale.has_value() == shift.has_value(), "powernorm_cpu: give scale and shift together");
-  const bool has_mask = mask.has_value(), out = scale.has_value();
+  const bool out = scale.has_value();
   TORCH_CHECK(sums || out, "powernorm_cpu.forward: nothing to compute");
-  auto opts = x.options().dtype(acc);
-  Tensor y = out ? at::empty_like(x) : at::empty({0}, x.options());
-  Tensor r = groups ? at::empty({N, groups}, opts) : at::empty({0}, opts);
-  all_rows = sums && has_mask && all_rows;
-  std::vector<Tensor> totals;
-  if (sums) totals.push_back(at::empty({C}, opts));
-  if (all_rows) totals.push_back(at::empty({C}, opts));
-  const Tensor none;
-  POWERNORM_DISPATCH(x.scalar_type(), groups, C, has_mask, sums, out, forward_impl, x,
-                     has_mask ? *mask : none, groups, eps, out ? *scale : none,
-                     out ? *shift : none, all_rows, y, r, totals);
-  Tensor token = sums ? totals[0] : at::empty({0}, opts);
-  Tensor all = all_rows ? totals[1] : at::empty({0}, opts);
+  const auto opts = x.options().dtype(acc);
+  const Tensor empty = at::empty({0}, opts);
+  all_rows = sums && mask.has_value() && all_rows;
+  const Tensor y = out ? at::empty_like(x) : at::empty({0}, x.options());
+  const Tensor r = groups ? at::empty({N, groups}, opts) : empty;
+  const Tensor token = sums ? at::empty({C}, opts) : empty;
+  const Tensor all = all_rows ? at::empty({C}, opts) : empty;
+  AT_DISPATCH_FLOATING_TYPES(acc, "powernorm_cpu_forward", [&] {
+    ForwardSweep<scalar_t> s;
+    s.mask = data_or_null<scalar_t>(mask);
+    s.scale = data_or_null<scalar_t>(scale);
+    s.shift = data_or_null<scalar_t>(shift);
+    s.r = groups ? r.data_ptr<scalar_t>() : nullptr;
+    s.token_sq = sums ? token.data_ptr<scalar_t>() : nullptr;
+    s.all_sq = all_rows ? all.data_ptr<scalar_t>() : nullptr;
+    forward_sweep<scalar_t>(x, groups, eps, s, y);
+  });
   return {y, token, all, r};
 }
 
 // Returns (dx, token sum of dy z, all-row sum of dy z, all-row sum of dy). dx is computed where
-// a and b are given (else empty), the sums where `sums` is true (else empty), the token sum
-// only where `token_rows` is true as well (else empty; without a mask it is the all-row sum).
+// a and b are given, the sums where `sums` is true, the token sum only where `token_rows` is
+// true as well (without a mask that is the all-row sum).
 std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& r,
                              const c10::optional<Tensor>& mask, int64_t groups,
                              const c10::optional<Tensor>& a, const c10::optional<Tensor>& b,
                              bool b_all_rows, bool sums, bool token_rows) {
   const auto acc = check_common(x, groups, mask);
-  check_2d(dy, "dy");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "powernorm_cpu: dy must match x in shape and dtype");
-  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t C = x.size(-1), N = x.numel() / C;
   check_vector(a, C, acc, "a");
   check_vector(b, C, acc, "b");
   TORCH_CHECK(a.has_value() == b.has_value(), "powernorm_cpu: give a and b together");
   TORCH_CHECK(groups == 0 || (r.has_value() && r->is_contiguous() && r->scalar_type() == acc &&
                               r->numel() == N * groups),
               "powernorm_cpu: groups > 0 needs the forward's r of shape (rows, groups)");
-  const bool has_mask = mask.has_value(), grad = a.has_value();
+  const bool grad = a.has_value();
   TORCH_CHECK(sums || grad, "powernorm_cpu.backward: nothing to compute");
-  auto opts = x.options().dtype(acc);
-  Tensor dx = grad ? at::empty_like(x) : at::empty({0}, x.options());
-  std::vector<Tensor> totals;
-  if (sums) {
-    for (int k = 0; k < 3; ++k) totals.push_back(at::empty({C}, opts));
-  }
-  const Tensor none;
-  POWERNORM_DISPATCH(x.scalar_type(), groups, C, has_mask, sums, grad, backward_impl, dy, x,
-                     groups ? *r : none, has_mask ? *mask : none, groups, grad ? *a : none,
-                     grad ? *b : none, b_all_rows, token_rows && has_mask, dx, totals);
+  const auto opts = x.options().dtype(acc);
   const Tensor empty = at::empty({0}, opts);
-  if (!sums) return {dx, empty, empty, empty};
-  const Tensor token = !token_rows ? empty : has_mask ? totals[0] : totals[1];
-  return {dx, token, totals[1], totals[2]};
+  const bool token_asked = sums && token_rows;
+  token_rows = token_asked && mask.has_value();
+  const Tensor dx = grad ? at::empty_like(x) : at::empty({0}, x.options());
+  const Tensor token = token_rows ? at::empty({C}, opts) : empty;
+  const Tensor all = sums ? at::empty({C}, opts) : empty;
+  const Tensor dsum = sums ? at::empty({C}, opts) : empty;
+  AT_DISPATCH_FLOATING_TYPES(acc, "powernorm_cpu_backward", [&] {
+    BackwardSweep<scalar_t> s;
+    s.r = groups ? r->data_ptr<scalar_t>() : nullptr;
+    s.mask = data_or_null<scalar_t>(mask);
+    s.a = data_or_null<scalar_t>(a);
+    s.b = data_or_null<scalar_t>(b);
+    s.b_all_rows = b_all_rows;
+    s.token_dz = token_rows ? token.data_ptr<scalar_t>() : nullptr;
+    s.all_dz = sums ? all.data_ptr<scalar_t>() : nullptr;
+    s.dy_sum = sums ? dsum.data_ptr<scalar_t>() : nullptr;
+    backward_sweep<scalar_t>(dy, x, groups, s, dx);
+  });
+  return {dx, token_rows ? token : token_asked ? all : empty, all, dsum};
 }
 
+}  // namespace
 }  // namespace powernorm_plugin
 
 // Registered as the operators torch.ops.powernorm_plugin.forward / .backward.

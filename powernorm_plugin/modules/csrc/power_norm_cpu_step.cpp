@@ -6,8 +6,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "power_norm_cpu.h"
@@ -17,11 +19,6 @@ namespace powernorm_plugin {
 namespace {
 
 using at::Tensor;
-using c10::optional;
-
-optional<Tensor> maybe(const Tensor& t) {
-  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
-}
 
 bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
               int64_t /*count*/) {
@@ -30,13 +27,20 @@ bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_
 
 // scale = gamma * inv, shift = beta (1 and 0 without them): the affine map of the output.
 template <typename A>
-void affine(const A* w, const A* b, const A* inv, int64_t C, Tensor& scale, Tensor& shift) {
-  A* sc = scale.data_ptr<A>();
-  A* sh = shift.data_ptr<A>();
+void affine(const A* w, const A* b, const A* inv, int64_t C, A* scale, A* shift) {
   for (int64_t c = 0; c < C; ++c) {
-    sc[c] = (w != nullptr ? w[c] : A(1)) * inv[c];
-    sh[c] = b != nullptr ? b[c] : A(0);
+    scale[c] = (w != nullptr ? w[c] : A(1)) * inv[c];
+    shift[c] = b != nullptr ? b[c] : A(0);
   }
+}
+
+// The step's per-feature scratch vectors (n of C entries each), kept from call to call: only
+// what the backward keeps, or the caller gets, is a tensor.
+template <typename A>
+A* scratch(int64_t n, int64_t C) {
+  static thread_local std::vector<A> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n * C) buffer.resize(n * C);
+  return buffer.data();
 }
 
 template <typename A>
@@ -44,36 +48,47 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
                           Tensor& running_phi, Tensor& num_steps, int64_t mode, int64_t groups,
                           double eps, double count, bool warm, bool use_batch, int64_t step,
                           double alpha_fwd) {
-  const int64_t C = x.size(1);
+  const int64_t C = x.size(-1), N = x.numel() / C;
   const auto opts = running_phi.options();
-  const bool all_rows = mode == kOfficial;
+  const bool all_rows = mode == kOfficial, has_mask = m.defined();
   const A eps_a = static_cast<A>(eps);
   FusedForward out;
   out.inv = at::empty({C}, opts);
   A* phi = running_phi.data_ptr<A>();
   A* inv = out.inv.data_ptr<A>();
-  Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts);
-  std::vector<Tensor> pass;
+  A* work = scratch<A>(4, C);  // scale, shift, token sum of z^2, psi_B^2 (unless kept)
+  A *scale = work, *shift = work + C, *token_sq = work + 2 * C;
+  if (groups) out.r = at::empty({N, groups}, opts);
+  if (all_rows && count > 0) out.all_sq = at::empty({C}, opts);
+  // the all-row sum (official): its own with a mask, else the token sum
+  A* all_sq = all_rows && has_mask && count > 0 ? out.all_sq.data_ptr<A>() : nullptr;
+  ForwardSweep<A> sweep;
+  sweep.mask = ptr<A>(m);
+  sweep.r = ptr<A>(out.r);
+  if (count > 0) {
+    sweep.token_sq = token_sq;
+    sweep.all_sq = all_sq;
+  }
   if (use_batch && count > 0) {  // the scale needs this batch's psi_B: sums first, output second
-    pass = forward(x, maybe(m), groups, eps, c10::nullopt, c10::nullopt, true, all_rows);
+    forward_sweep<A>(x, groups, eps, sweep, Tensor());
   } else {  // psi_{t-1}: running_phi as it is before this call's update (a batch of padding
             // only has no psi_B, and then nothing moves)
     for (int64_t c = 0; c < C; ++c) inv[c] = rsqrt_(phi[c] + eps_a);
     affine<A>(ptr<A>(w), ptr<A>(b), inv, C, scale, shift);
-    pass = forward(x, maybe(m), groups, eps, scale, shift, count > 0, all_rows);
-    out.y = pass[0];
+    sweep.scale = scale;
+    sweep.shift = shift;
+    out.y = at::empty_like(x);
+    forward_sweep<A>(x, groups, eps, sweep, out.y);
   }
-  if (groups) out.r = pass[3];
   if (count == 0) {
     out.ok = at::scalar_tensor(true, x.options().dtype(at::kBool));
     return out;
   }
-  out.psi_b = at::empty({C}, opts);
+  if (all_rows && !has_mask) std::copy(token_sq, token_sq + C, out.all_sq.data_ptr<A>());
+  if (mode == kPaper) out.psi_b = at::empty({C}, opts);  // the paper's backward keeps it
   if (all_rows) out.inv_b = at::empty({C}, opts);
-  A* psi_b = out.psi_b.data_ptr<A>();
+  A* psi_b = mode == kPaper ? out.psi_b.data_ptr<A>() : work + 3 * C;
   A* inv_b = all_rows ? out.inv_b.data_ptr<A>() : nullptr;
-  if (all_rows) out.all_sq = m.defined() ? pass[2] : pass[1];
-  const A* token_sq = pass[1].data_ptr<A>();
   bool ok = true;
   for (int64_t c = 0; c < C; ++c) {
     psi_b[c] = token_sq[c] / static_cast<A>(count);
@@ -92,7 +107,13 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
   out.ok = at::scalar_tensor(ok, x.options().dtype(at::kBool));
   if (use_batch) {
     affine<A>(ptr<A>(w), ptr<A>(b), inv, C, scale, shift);
-    out.y = forward(x, maybe(m), groups, eps, scale, shift, false, false)[0];
+    ForwardSweep<A> output;
+    output.mask = sweep.mask;
+    output.scale = scale;
+    output.shift = shift;
+    output.r = sweep.r;  // written again, with the same factors
+    out.y = at::empty_like(x);
+    forward_sweep<A>(x, groups, eps, output, out.y);
   }
   return out;
 }
@@ -103,63 +124,70 @@ FusedBackward backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, 
                             const Tensor& all_sq_t, const Tensor& inv_b_t, Tensor& running_nu,
                             int64_t mode, int64_t groups, double count_d, double rows_d,
                             double alpha_bkw, bool has_bias) {
-  const int64_t C = x.size(1);
+  const int64_t C = x.size(-1);
   const auto opts = inv_t.options();
   const A *gamma = ptr<A>(w), *inv = inv_t.data_ptr<A>(), *inv_b = ptr<A>(inv_b_t);
   const A *psi_b = ptr<A>(psi_b_t), *all_sq = ptr<A>(all_sq_t);
   const A count = static_cast<A>(count_d), rows = static_cast<A>(rows_d);
   A* nu = running_nu.data_ptr<A>();
   auto gamma_at = [&](int64_t c) { return gamma != nullptr ? gamma[c] : A(1); };
-  Tensor a = at::empty({C}, opts), b = at::empty({C}, opts);
+  FusedBackward out;
+  if (gamma != nullptr) out.grad_w = at::empty({C}, opts);
+  if (has_bias) out.grad_b = at::empty({C}, opts);
+  A* work = scratch<A>(5, C);  // a, b, then the sums of dy z over tokens and rows, and of dy
+  A *a = work, *b = work + C, *token_dz = work + 2 * C, *sum_dz = work + 3 * C;
+  BackwardSweep<A> sweep;  // the sums, and with a and b the input gradient
+  sweep.r = ptr<A>(r);
+  sweep.mask = ptr<A>(m);
+  sweep.all_dz = sum_dz;
+  sweep.dy_sum = has_bias ? out.grad_b.data_ptr<A>() : work + 4 * C;
   auto coefficients = [&](const A* b_given) {  // dz = a dy - b m z, with nu_{t-1}
-    A *pa = a.data_ptr<A>(), *pb = b.data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
       dz_coefficients(mode, gamma_at(c), inv[c], inv_b != nullptr ? inv_b[c] : A(0), nu[c],
-                      b_given != nullptr ? b_given[c] : A(0), pa + c, pb + c);
+                      b_given != nullptr ? b_given[c] : A(0), a + c, b + c);
     }
   };
-  FusedBackward out;
-  std::vector<Tensor> pass;
+  out.dx = at::empty_like(x);
   if (count == 0) {  // no tokens: dz = gamma inv dy, and nu does not move
-    A *pa = a.data_ptr<A>(), *pb = b.data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
-      pa[c] = gamma_at(c) * inv[c];
-      pb[c] = A(0);
+      a[c] = gamma_at(c) * inv[c];
+      b[c] = A(0);
     }
-    pass = backward(dy, x, maybe(r), maybe(m), groups, a, b, false, true, mode == kPaper);
-    out.dx = pass[0];
+    sweep.a = a;
+    sweep.b = b;
+    backward_sweep<A>(dy, x, groups, sweep, out.dx);
   } else if (mode == kVanilla) {  // PN-V's b needs the sums: sums first, input gradient second
-    pass = backward(dy, x, maybe(r), maybe(m), groups, c10::nullopt, c10::nullopt, false, true,
-                    false);
-    Tensor b_given = at::empty({C}, opts);
-    const A* sum_dz = pass[2].data_ptr<A>();
-    A* bg = b_given.data_ptr<A>();
-    for (int64_t c = 0; c < C; ++c) bg[c] = vanilla_b(gamma_at(c), inv[c], sum_dz[c], count);
-    coefficients(bg);
-    out.dx = backward(dy, x, maybe(r), maybe(m), groups, a, b, false, false, false)[0];
+    backward_sweep<A>(dy, x, groups, sweep, Tensor());
+    A* b_given = token_dz;  // not summed in this mode: its space holds b
+    for (int64_t c = 0; c < C; ++c) b_given[c] = vanilla_b(gamma_at(c), inv[c], sum_dz[c], count);
+    coefficients(b_given);
+    BackwardSweep<A> grad;
+    grad.r = sweep.r;
+    grad.mask = sweep.mask;
+    grad.a = a;
+    grad.b = b;
+    backward_sweep<A>(dy, x, groups, grad, out.dx);
   } else {
     const bool token_rows = mode == kPaper;  // Lambda over tokens: the token sum of dy z
     coefficients(nullptr);
-    pass = backward(dy, x, maybe(r), maybe(m), groups, a, b, /*b_all_rows=*/mode == kOfficial,
-                    true, token_rows);
-    out.dx = pass[0];
-    const A* sum_dz = pass[2].data_ptr<A>();
-    const A* token_dz = token_rows ? pass[1].data_ptr<A>() : sum_dz;
+    sweep.a = a;
+    sweep.b = b;
+    sweep.b_all_rows = mode == kOfficial;
+    if (token_rows && m.defined()) sweep.token_dz = token_dz;
+    backward_sweep<A>(dy, x, groups, sweep, out.dx);
+    const A* tok = sweep.token_dz != nullptr ? token_dz : sum_dz;
     const A rate = static_cast<A>(1.0 - alpha_bkw);
     for (int64_t c = 0; c < C; ++c) {
       nu[c] = moved_nu(mode, nu[c], gamma_at(c), inv[c], psi_b != nullptr ? psi_b[c] : A(0),
-                       all_sq != nullptr ? all_sq[c] : A(0), token_dz[c], sum_dz[c], count,
+                       all_sq != nullptr ? all_sq[c] : A(0), tok[c], sum_dz[c], count,
                        rows, rate);
     }
     bump_version(running_nu);
   }
   if (gamma != nullptr) {
-    out.grad_w = at::empty({C}, opts);
     A* gw = out.grad_w.data_ptr<A>();
-    const A* sum_dz = pass[2].data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) gw[c] = sum_dz[c] * inv[c];
   }
-  if (has_bias) out.grad_b = pass[3];
   return out;
 }
 

@@ -333,7 +333,7 @@ FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Te
                      double alpha_fwd) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t C = x.size(-1), N = x.numel() / C;  // x: (..., C), its rows the positions
   const auto acc = running_phi.scalar_type();
   const auto opts = x.options().dtype(acc);
   const RowBlocks blocks = row_blocks(N);
@@ -391,7 +391,7 @@ FusedBackward backward(const Tensor& dy, const Tensor& x, const Tensor& r, const
                        bool has_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t C = x.size(-1), N = x.numel() / C;  // x: (..., C), its rows the positions
   const auto opts = inv.options();
   const RowBlocks blocks = row_blocks(N);
   const bool token_rows = mode == kPaper;

@@ -98,12 +98,11 @@ const FusedStep* fused_step(const Tensor& x) {
 
 class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
  public:
-  // x: (..., C), contiguous; y has its shape
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const optional<Tensor>& weight,
+  // x: (..., C), contiguous, its rows the positions; y has its shape. (No reshaping to 2-D:
+  // every view of a tensor that requires grad costs autograd bookkeeping on each call.)
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
                         const optional<Tensor>& bias, const optional<Tensor>& token_weights,
                         StepOptions& o, const FusedStep& fused) {
-    const int64_t C = input.size(-1);
-    const Tensor x = input.view({-1, C});  // rows = positions
     const Tensor m = token_weights.value_or(Tensor());
     variable_list saved;
     const Tensor y = fused_forward(fused, x, m, weight, bias, o, saved);
@@ -116,11 +115,11 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
     ctx->saved_data["alpha_bkw"] = o.alpha_bkw;
     ctx->saved_data["weight_dtype"] = weight ? weight->scalar_type() : at::ScalarType::Undefined;
     ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::ScalarType::Undefined;
-    return y.view(input.sizes());
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor dy = grads[0].contiguous().view({-1, grads[0].size(-1)});
+    const Tensor dy = grads[0].contiguous();
     const variable_list s = ctx->get_saved_variables();
     Tensor nu = ctx->saved_data["nu"].toTensor();
     const auto mode = static_cast<Mode>(ctx->saved_data["mode"].toInt());
@@ -140,7 +139,7 @@ class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
     Tensor grad_w, grad_b;
     if (weight_dtype != at::ScalarType::Undefined) grad_w = as(f.grad_w, weight_dtype);
     if (bias_dtype != at::ScalarType::Undefined) grad_b = as(f.grad_b, bias_dtype);
-    return {f.dx.view(grads[0].sizes()), grad_w, grad_b, Tensor(), Tensor(), Tensor()};
+    return {f.dx, grad_w, grad_b, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -164,7 +163,7 @@ std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
   StepOptions o{running_phi, running_nu, num_steps, parse_mode(mode), eps,
                 alpha_fwd, alpha_bkw, groups, count, rows, step, warm, use_batch, Tensor()};
   const FusedStep* fused = fused_step(x);
-  if (fused == nullptr || !fused->supports(x.view({-1, C}), running_phi, running_nu, count)) {
+  if (fused == nullptr || !fused->supports(x, running_phi, running_nu, count)) {
     return {};
   }
   Tensor y = PowerNormStep::apply(x, weight, bias, token_weights, o, *fused);
