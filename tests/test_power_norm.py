@@ -481,6 +481,43 @@ def test_native_step_declines_calls_without_fused_kernels():
         torch.testing.assert_close(n, e, rtol=1e-12, atol=1e-12)
 
 
+def test_native_step_refuses_tensors_of_the_wrong_size_naming_them():
+    # the fused steps read these through raw pointers: a wrong size is an error, not a read
+    # past the end
+    from powernorm_plugin.modules.native_kernels import NativeKernels
+
+    ops = NativeKernels().ops
+    x = torch.ones(2, 3, C)
+    good = dict(weight=torch.ones(C), bias=torch.zeros(C), running_phi=torch.ones(C),
+                running_nu=torch.zeros(C), num_steps=torch.zeros((), dtype=torch.long),
+                token_weights=torch.ones(6), count=6, rows=6)
+    bad = [
+        ("weight", torch.ones(C + 1), "weight must be a vector of the 12 features"),
+        ("bias", torch.zeros(1, C), "bias must be a vector of the 12 features"),
+        ("running_phi", torch.ones(C - 1), "running_phi must be a vector"),
+        ("running_nu", torch.zeros(2 * C), "running_nu must be a vector"),
+        ("num_steps", torch.zeros(2, dtype=torch.long), "num_steps must be one int64"),
+        ("token_weights", torch.ones(5), "token_weights must be a contiguous Float vector of"),
+        ("token_weights", torch.ones(6, dtype=torch.float64), "token_weights must be"),
+        ("rows", 8, "rows=8 and count=6 do not fit"),
+        ("count", 7, "rows=6 and count=7 do not fit"),
+    ]
+    for name, value, message in bad:
+        call = dict(good, **{name: value})
+        with pytest.raises(RuntimeError, match=message):
+            ops.train_step(x, call["weight"], call["bias"], call["running_phi"],
+                           call["running_nu"], call["num_steps"], call["token_weights"],
+                           call["count"], call["rows"], 0, False, False, "paper", 1e-5, 0.9,
+                           0.9, 0)
+    with pytest.raises(RuntimeError, match="without token_weights every row is a token"):
+        ops.train_step(x, None, None, torch.ones(C), torch.zeros(C),
+                       torch.zeros((), dtype=torch.long), None, 5, 6, 0, False, False, "paper",
+                       1e-5, 0.9, 0.9, 0)
+    assert int(good["num_steps"]) == 0 and bool(good["running_phi"].eq(1).all())
+    y, ok = ops.train_step(x, *good.values(), 0, False, False, "paper", 1e-5, 0.9, 0.9, 0)
+    assert y.shape == x.shape and bool(ok) and int(good["num_steps"]) == 1
+
+
 class Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w

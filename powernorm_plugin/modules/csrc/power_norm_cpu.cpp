@@ -115,7 +115,9 @@ inline acc_t dot(const U* __restrict__ u, const V* __restrict__ v, int64_t len) 
       lane[k] += static_cast<acc_t>(u[i + k]) * static_cast<acc_t>(v[i + k]);
   }
   acc_t total = 0;
-  for (; i < len; ++i) total += static_cast<acc_t>(u[i]) * static_cast<acc_t>(v[i]);
+  if (len % 8) {  // (guarded: for a constant length GCC would warn about the unused tail)
+    for (; i < len; ++i) total += static_cast<acc_t>(u[i]) * static_cast<acc_t>(v[i]);
+  }
   for (int k = 0; k < 8; ++k) total += lane[k];
   return total;
 }

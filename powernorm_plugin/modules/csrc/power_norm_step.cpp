@@ -51,8 +51,43 @@ Mode parse_mode(const std::string& mode) {
   TORCH_CHECK(false, "PowerNorm mode must be one of paper, official, vanilla; got '", mode, "'");
 }
 
+// t in dtype, contiguous: what the fused steps read through a pointer.
 Tensor as(const Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
+// The fused steps read and write these tensors through raw pointers: each must have the size
+// and device they assume, or the call fails here, naming it.
+void check_step_tensors(const Tensor& x, const optional<Tensor>& weight,
+                        const optional<Tensor>& bias, const Tensor& running_phi,
+                        const Tensor& running_nu, const Tensor& num_steps,
+                        const optional<Tensor>& token_weights, int64_t count, int64_t rows) {
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  auto per_feature = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.device() == x.device(),
+                "powernorm train_step: ", name, " must be a vector of the ", C, " features on ",
+                x.device(), ", got shape ", t.sizes(), " on ", t.device());
+  };
+  if (weight) per_feature(*weight, "weight");
+  if (bias) per_feature(*bias, "bias");
+  per_feature(running_phi, "running_phi");
+  per_feature(running_nu, "running_nu");
+  TORCH_CHECK(num_steps.numel() == 1 && num_steps.scalar_type() == at::kLong &&
+                  num_steps.device() == x.device(),
+              "powernorm train_step: num_steps must be one int64 on ", x.device());
+  TORCH_CHECK(rows == N && count >= 0 && count <= rows, "powernorm train_step: rows=", rows,
+              " and count=", count, " do not fit x's ", N, " rows");
+  if (token_weights) {
+    const Tensor& m = *token_weights;
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == N && m.is_contiguous() &&
+                    m.scalar_type() == compute_dtype(x) && m.device() == x.device(),
+                "powernorm train_step: token_weights must be a contiguous ", compute_dtype(x),
+                " vector of x's ", N, " rows on ", x.device(), ", got ", m.scalar_type(),
+                " of shape ", m.sizes(), " on ", m.device());
+  } else {
+    TORCH_CHECK(count == rows, "powernorm train_step: without token_weights every row is a "
+                "token, but count=", count, " of ", rows, " rows");
+  }
 }
 
 // What a call needs besides its differentiable inputs. `ok` (psi_B^2 finite) is set by the
@@ -153,7 +188,7 @@ std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
                                int64_t rows, int64_t step, bool warm, bool use_batch,
                                const std::string& mode, double eps, double alpha_fwd,
                                double alpha_bkw, int64_t groups) {
-  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(),
+  TORCH_CHECK(x.dim() >= 2 && x.size(-1) > 0 && x.is_contiguous(),
               "powernorm train_step: x must be a contiguous (..., features) tensor, got shape ",
               x.sizes());
   const int64_t C = x.size(-1);
@@ -166,6 +201,8 @@ std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
   if (fused == nullptr || !fused->supports(x, running_phi, running_nu, count)) {
     return {};
   }
+  check_step_tensors(x, weight, bias, running_phi, running_nu, num_steps, token_weights, count,
+                     rows);
   Tensor y = PowerNormStep::apply(x, weight, bias, token_weights, o, *fused);
   return {y, o.ok};
 }
