@@ -518,6 +518,39 @@ def test_native_step_refuses_tensors_of_the_wrong_size_naming_them():
     assert y.shape == x.shape and bool(ok) and int(good["num_steps"]) == 1
 
 
+@pytest.mark.parametrize("backend", ["native", "native-python", "eager"])
+def test_backward_runs_once_per_graph_and_is_not_differentiated_twice(backend, monkeypatch):
+    backend = layer_backend(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    x, pad, dy = random_batch(gen, dtype=torch.float32)
+    pn = PowerNorm(C, backend=backend)
+    ref = copy.deepcopy(pn)
+    y = pn(x.clone().requires_grad_(True), pad)
+    y.backward(dy)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.backward(dy)
+    # an input changed in place between the call and its backward is caught
+    xg = x.clone().requires_grad_(True)
+    leaf = xg * 1
+    y = pn(leaf, pad)
+    leaf.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    # with create_graph=True the gradients are the same, and differentiating them raises
+    # (the paper's backward has no derivative of its own)
+    pn, ref = copy.deepcopy(ref), copy.deepcopy(ref)
+    grads = []
+    for layer, create in ((pn, True), (ref, False)):
+        xg = x.clone().requires_grad_(True)
+        dyg = dy.clone().requires_grad_(create)  # as from layers above, under create_graph
+        (dx,) = torch.autograd.grad(layer(xg, pad), xg, dyg, create_graph=create)
+        grads.append(dx)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(pn.running_nu, ref.running_nu, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="differentiate twice|differentiable once"):
+        grads[0].sum().backward()
+
+
 class Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._util import (
     FP32BuffersMixin,
@@ -135,6 +136,7 @@ class PowerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the paper's backward has no derivative of its own
     def backward(ctx, dy):
         cfg, k = ctx.cfg, ctx.cfg.kernels
         x, w, inv, *saved = ctx.saved_tensors

@@ -23,9 +23,14 @@
 // A non-finite psi_B^2 leaves psi^2 and the count unchanged (checked on the device, so no
 // wait); the caller reads the returned flag and reports it.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/FuncTorchTLS.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <string>
 
 #include "power_norm_fused.h"
@@ -41,7 +46,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 Mode parse_mode(const std::string& mode) {
@@ -90,93 +94,119 @@ void check_step_tensors(const Tensor& x, const optional<Tensor>& weight,
   }
 }
 
-// What a call needs besides its differentiable inputs. `ok` (psi_B^2 finite) is set by the
-// forward for the caller.
-struct StepOptions {
-  Tensor running_phi, running_nu, num_steps;
-  Mode mode;
-  double eps, alpha_fwd, alpha_bkw;
-  int64_t groups, count, rows, step;
-  bool warm, use_batch;
-  Tensor ok;
-};
-
-// The forward: y; sets o.ok and the saved tensors: x, gamma, r, then the mode's statistics
-// (paper: psi_B^2; official: the all-row sum of z^2 and 1/sqrt(psi_B^2 + eps)), then inv and
-// the token weights. Tensors a call does not have are saved undefined.
-Tensor fused_forward(const FusedStep& fused, const Tensor& x, const Tensor& m,
-                     const optional<Tensor>& weight, const optional<Tensor>& bias,
-                     StepOptions& o, variable_list& saved) {
-  const auto cd = compute_dtype(x);
-  const Tensor w = weight ? as(*weight, cd) : Tensor();
-  const Tensor b = bias ? as(*bias, cd) : Tensor();
-  FusedForward f = fused.forward(x, m, w, b, o.running_phi, o.num_steps, o.mode, o.groups, o.eps,
-                                 static_cast<double>(o.count), o.warm, o.use_batch, o.step,
-                                 o.alpha_fwd);
-  o.ok = f.ok;
-  saved = {x, w, f.r};
-  if (o.mode == kPaper) saved.push_back(f.psi_b);
-  if (o.mode == kOfficial) {
-    saved.push_back(f.all_sq);
-    saved.push_back(f.inv_b);
-  }
-  saved.push_back(f.inv);
-  saved.push_back(m);
-  return f.y;
-}
-
 // The fused step for x's device: the CPU's, or CUDA's where the library has it; else nullptr.
 const FusedStep* fused_step(const Tensor& x) {
   if (x.is_cpu()) return &cpu_step();
   return x.is_cuda() ? cuda_step() : nullptr;
 }
 
-class PowerNormStep : public torch::autograd::Function<PowerNormStep> {
- public:
-  // x: (..., C), contiguous, its rows the positions; y has its shape. (No reshaping to 2-D:
-  // every view of a tensor that requires grad costs autograd bookkeeping on each call.)
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
-                        const optional<Tensor>& bias, const optional<Tensor>& token_weights,
-                        StepOptions& o, const FusedStep& fused) {
-    const Tensor m = token_weights.value_or(Tensor());
-    variable_list saved;
-    const Tensor y = fused_forward(fused, x, m, weight, bias, o, saved);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["nu"] = o.running_nu;
-    ctx->saved_data["mode"] = static_cast<int64_t>(o.mode);
-    ctx->saved_data["groups"] = o.groups;
-    ctx->saved_data["count"] = o.count;
-    ctx->saved_data["rows"] = o.rows;
-    ctx->saved_data["alpha_bkw"] = o.alpha_bkw;
-    ctx->saved_data["weight_dtype"] = weight ? weight->scalar_type() : at::ScalarType::Undefined;
-    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : at::ScalarType::Undefined;
-    return y;
+// The backward of one training call, written as torch's generated backward functions are: a
+// Node that keeps what the backward reads as members. (A torch::autograd::Function keeps it in
+// a map keyed by strings, and wraps its outputs through general code for views, in-place
+// outputs and forward AD: several microseconds of host time per call, which at fairseq's
+// sizes on a GPU is as much as the kernels take.)
+struct PowerNormBackward : public torch::autograd::Node {
+  // The call's inputs: SavedVariables, so that an in-place change before the backward is
+  // caught. The forward's own results, which nothing else can change, are kept as they are.
+  torch::autograd::SavedVariable x, gamma, token_weights;
+  Tensor r, psi_b, all_sq, inv_b, inv, running_nu;
+  const FusedStep* fused = nullptr;
+  Mode mode = kPaper;
+  int64_t groups = 0, count = 0, rows = 0;
+  double alpha_bkw = 0;
+  // the parameters' dtypes (Undefined: no such parameter), which their gradients take
+  at::ScalarType weight_dtype = at::ScalarType::Undefined, bias_dtype = at::ScalarType::Undefined;
+
+  std::string name() const override { return "PowerNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    gamma.reset_data();
+    token_weights.reset_data();
+    r = psi_b = all_sq = inv_b = inv = Tensor();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor dy = grads[0].contiguous();
-    const variable_list s = ctx->get_saved_variables();
-    Tensor nu = ctx->saved_data["nu"].toTensor();
-    const auto mode = static_cast<Mode>(ctx->saved_data["mode"].toInt());
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const double count = static_cast<double>(ctx->saved_data["count"].toInt());
-    const double rows = static_cast<double>(ctx->saved_data["rows"].toInt());
-    const double alpha_bkw = ctx->saved_data["alpha_bkw"].toDouble();
-    const auto weight_dtype = ctx->saved_data["weight_dtype"].toScalarType();
-    const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
-    const Tensor none;
-    const bool official = mode == kOfficial;
-    // the forward's fused step: the device's, which the forward found to take the call
-    const FusedBackward f = fused_step(s[0])->backward(
-        dy, s[0], s[2], s[s.size() - 1], s[1], s[s.size() - 2], mode == kPaper ? s[3] : none,
-        official ? s[3] : none, official ? s[4] : none, nu, mode, groups, count, rows,
-        alpha_bkw, bias_dtype != at::ScalarType::Undefined);
-    Tensor grad_w, grad_b;
-    if (weight_dtype != at::ScalarType::Undefined) grad_w = as(f.grad_w, weight_dtype);
-    if (bias_dtype != at::ScalarType::Undefined) grad_b = as(f.grad_b, bias_dtype);
-    return {f.dx, grad_w, grad_b, Tensor(), Tensor(), Tensor()};
+  // grads: dL/dy. Returns dL/dx, dL/dweight, dL/dbias (undefined for an absent parameter).
+  variable_list apply(variable_list&& grads) override {
+    const Tensor xs = x.unpack();  // (raises where the graph was freed by an earlier backward)
+    // an undefined gradient is a zero one (as a torch::autograd::Function materializes it)
+    const Tensor dy = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(xs);
+    const FusedBackward f =
+        fused->backward(dy, xs, r, token_weights.unpack(), gamma.unpack(), inv, psi_b, all_sq,
+                        inv_b, running_nu, mode, groups, static_cast<double>(count),
+                        static_cast<double>(rows), alpha_bkw,
+                        bias_dtype != at::ScalarType::Undefined);
+    variable_list out{f.dx, Tensor(), Tensor()};
+    if (weight_dtype != at::ScalarType::Undefined) out[1] = as(f.grad_w, weight_dtype);
+    if (bias_dtype != at::ScalarType::Undefined) out[2] = as(f.grad_b, bias_dtype);
+    if (torch::autograd::GradMode::is_enabled()) return not_differentiable(std::move(out));
+    return out;
+  }
+
+  // Under create_graph=True: the gradients as they are, but differentiating them raises (as
+  // torch.autograd.function.once_differentiable does). The step's backward is the paper's
+  // modified gradient, which has no derivative of its own.
+  static variable_list not_differentiable(variable_list&& grads) {
+    variable_list inputs;
+    for (const Tensor& g : grads) {
+      inputs.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
+    }
+    auto error = c10::make_intrusive<torch::autograd::DelayedError>(
+        "PowerNorm's training step is differentiable once: its backward (the paper's "
+        "gradient, with running statistics) has no derivative of its own",
+        static_cast<int64_t>(inputs.size()));
+    return (*error)(std::move(inputs));
   }
 };
+
+// The forward of a training call: y, and the call's backward node where a gradient is needed.
+// Sets `ok` (psi_B^2 finite). x: (..., C), contiguous, its rows the positions; y has its shape.
+// (No reshaping to 2-D: every view of a tensor that requires grad costs autograd bookkeeping
+// on each call.)
+Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
+                         const optional<Tensor>& weight, const optional<Tensor>& bias,
+                         const optional<Tensor>& token_weights, Tensor& running_phi,
+                         Tensor& running_nu, Tensor& num_steps, Mode mode, double eps,
+                         double alpha_fwd, double alpha_bkw, int64_t groups, int64_t count,
+                         int64_t rows, int64_t step, bool warm, bool use_batch, Tensor& ok) {
+  const auto cd = compute_dtype(x);
+  const Tensor m = token_weights.value_or(Tensor());
+  FusedForward f;
+  Tensor w, b;
+  {
+    // what the step computes is not differentiated by autograd: the node below is its backward
+    at::AutoDispatchBelowADInplaceOrView guard;
+    w = weight ? as(*weight, cd) : Tensor();
+    b = bias ? as(*bias, cd) : Tensor();
+    f = fused.forward(x, m, w, b, running_phi, num_steps, mode, groups, eps,
+                      static_cast<double>(count), warm, use_batch, step, alpha_fwd);
+  }
+  ok = f.ok;
+  if (torch::autograd::compute_requires_grad(x, weight, bias)) {
+    auto node = c10::make_intrusive<PowerNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
+    node->x = torch::autograd::SavedVariable(x, false);
+    node->gamma = torch::autograd::SavedVariable(w, false);  // the weight, or its fp32 copy
+    node->token_weights = torch::autograd::SavedVariable(m, false);
+    node->r = f.r;
+    node->psi_b = f.psi_b;
+    node->all_sq = f.all_sq;
+    node->inv_b = f.inv_b;
+    node->inv = f.inv;
+    node->running_nu = running_nu;
+    node->fused = &fused;
+    node->mode = mode;
+    node->groups = groups;
+    node->count = count;
+    node->rows = rows;
+    node->alpha_bkw = alpha_bkw;
+    node->weight_dtype = weight ? weight->scalar_type() : at::ScalarType::Undefined;
+    node->bias_dtype = bias ? bias->scalar_type() : at::ScalarType::Undefined;
+    torch::autograd::set_history(f.y, node);
+  }
+  return f.y;
+}
 
 // The training call: returns (y, ok), ok a 0-d bool (psi_B^2 finite; true for a batch
 // without tokens, which has no psi_B and updates nothing); or nothing, having done nothing,
@@ -195,16 +225,21 @@ std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
   TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "powernorm train_step: groups=",
               groups, " must be 0 or divide the ", C, " features");
   TORCH_CHECK(!warm || step > 0, "powernorm train_step: a warm-up call needs its step (>= 1)");
-  StepOptions o{running_phi, running_nu, num_steps, parse_mode(mode), eps,
-                alpha_fwd, alpha_bkw, groups, count, rows, step, warm, use_batch, Tensor()};
+  const Mode m = parse_mode(mode);
   const FusedStep* fused = fused_step(x);
   if (fused == nullptr || !fused->supports(x, running_phi, running_nu, count)) {
     return {};
   }
   check_step_tensors(x, weight, bias, running_phi, running_nu, num_steps, token_weights, count,
                      rows);
-  Tensor y = PowerNormStep::apply(x, weight, bias, token_weights, o, *fused);
-  return {y, o.ok};
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    functorch->checkSupportsCppAutogradFunction();  // as a torch::autograd::Function would
+  }
+  Tensor ok;
+  Tensor y = forward_with_node(*fused, x, weight, bias, token_weights, running_phi, running_nu,
+                               num_steps, m, eps, alpha_fwd, alpha_bkw, groups, count, rows,
+                               step, warm, use_batch, ok);
+  return {y, ok};
 }
 
 }  // namespace
