@@ -34,6 +34,14 @@ void affine(const A* w, const A* b, const A* inv, int64_t C, A* scale, A* shift)
   }
 }
 
+// Whether every v[c] is finite (a loop without an early exit, so that it vectorizes).
+template <typename A>
+bool all_finite(const A* v, int64_t C) {
+  int ok = 1;
+  for (int64_t c = 0; c < C; ++c) ok &= int(v[c] > -A(INFINITY)) & int(v[c] < A(INFINITY));
+  return ok != 0;
+}
+
 // The step's per-feature scratch vectors (n of C entries each), kept from call to call: only
 // what the backward keeps, or the caller gets, is a tensor.
 template <typename A>
@@ -89,17 +97,21 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
   if (all_rows) out.inv_b = at::empty({C}, opts);
   A* psi_b = mode == kPaper ? out.psi_b.data_ptr<A>() : work + 3 * C;
   A* inv_b = all_rows ? out.inv_b.data_ptr<A>() : nullptr;
-  bool ok = true;
-  for (int64_t c = 0; c < C; ++c) {
-    psi_b[c] = token_sq[c] / static_cast<A>(count);
-    ok = ok && finite_(psi_b[c]);
+  // (one loop for each result, none with a branch inside: each vectorizes)
+  for (int64_t c = 0; c < C; ++c) psi_b[c] = token_sq[c] / static_cast<A>(count);
+  const bool ok = all_finite(psi_b, C);
+  if (use_batch) {
+    for (int64_t c = 0; c < C; ++c) inv[c] = rsqrt_(psi_b[c] + eps_a);
+  }
+  if (inv_b != nullptr) {
+    for (int64_t c = 0; c < C; ++c) inv_b[c] = rsqrt_(psi_b[c] + eps_a);
   }
   const A mean_rate = static_cast<A>(warm ? 1.0 / static_cast<double>(step) : 0.0);
   const A ema_rate = static_cast<A>(1.0 - alpha_fwd);
-  for (int64_t c = 0; c < C; ++c) {
-    if (use_batch) inv[c] = rsqrt_(psi_b[c] + eps_a);
-    if (inv_b != nullptr) inv_b[c] = rsqrt_(psi_b[c] + eps_a);
-    if (ok) phi[c] = moved_phi(phi[c], psi_b[c], warm, mode, mean_rate, ema_rate);
+  if (ok) {
+    for (int64_t c = 0; c < C; ++c) {
+      phi[c] = moved_phi(phi[c], psi_b[c], warm, mode, mean_rate, ema_rate);
+    }
   }
   num_steps.data_ptr<int64_t>()[0] += ok ? 1 : 0;
   bump_version(running_phi);
@@ -177,10 +189,10 @@ FusedBackward backward_impl(const Tensor& dy, const Tensor& x, const Tensor& r, 
     backward_sweep<A>(dy, x, groups, sweep, out.dx);
     const A* tok = sweep.token_dz != nullptr ? token_dz : sum_dz;
     const A rate = static_cast<A>(1.0 - alpha_bkw);
+    const A* stat = token_rows ? psi_b : all_sq;  // paper: psi_B^2; official: sum of z^2
     for (int64_t c = 0; c < C; ++c) {
-      nu[c] = moved_nu(mode, nu[c], gamma_at(c), inv[c], psi_b != nullptr ? psi_b[c] : A(0),
-                       all_sq != nullptr ? all_sq[c] : A(0), tok[c], sum_dz[c], count,
-                       rows, rate);
+      nu[c] = moved_nu(mode, nu[c], gamma_at(c), inv[c], stat[c], stat[c], tok[c], sum_dz[c],
+                       count, rows, rate);
     }
     bump_version(running_nu);
   }
