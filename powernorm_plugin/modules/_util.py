@@ -55,6 +55,9 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
     rows = T * B
     if padding_mask is None:
         return TokenMask(None, rows, rows)
+    source, cached_key, cached = _last_mask[0]
+    if source() is padding_mask and cached_key == (padding_mask._version, T, B, device, dtype):
+        return cached  # checked when it was cached, for the same (T, B)
     if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
         got = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
         raise TypeError(f"{layer}: padding_mask must be a bool tensor (True = padding), got {got}")
@@ -63,10 +66,7 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
             f"{layer}: padding_mask must have shape (B, T) = ({B}, {T}) for an input of shape "
             f"(T, B, C) = ({T}, {B}, C), got {tuple(padding_mask.shape)}"
         )
-    key = (padding_mask._version, device, dtype)
-    source, cached_key, cached = _last_mask[0]
-    if source() is padding_mask and cached_key == key:
-        return cached
+    key = (padding_mask._version, T, B, device, dtype)
     source = weakref.ref(padding_mask)
     if padding_mask.device != device:
         padding_mask = padding_mask.to(device)
@@ -80,7 +80,8 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
     return mask
 
 
-#: (weak reference to the last padding mask seen, (its version, device, dtype), its TokenMask)
+#: (weak reference to the last padding mask seen, (its version, T, B, device, dtype), its
+#: TokenMask)
 _last_mask = [(dead_ref, None, None)]
 
 

@@ -145,11 +145,12 @@ class NativeKernels(EagerKernels):
         self._forward = self.ops.forward.default
         self._backward = self.ops.backward.default
 
-    def train_step(self, x, *args):
-        """torch.ops.powernorm_plugin.train_step on ``x`` and ``args`` (see the C++ file):
+    @property
+    def train_step(self):
+        """The operator torch.ops.powernorm_plugin.train_step (see the C++ file), which returns
         (y, a 0-d bool that says whether psi_B^2 was finite), or an empty list where the C++
-        step does not take the call (nothing was done)."""
-        return self._train_step(x, *args) if self.fused else []
+        step does not take the call (nothing was done); None with ``fused`` off."""
+        return self._train_step if self.fused else None
 
     def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         if x.device.type != "cpu":

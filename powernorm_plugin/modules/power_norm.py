@@ -64,6 +64,7 @@ class PowerNormConfig(NamedTuple):
     causal: bool
     name: str
     kernels: object
+    train_step: object  # the kernels' C++ training step (an operator), or None
     steps: object  # the layer's StepCounter (num_steps on the host)
     checks: object  # the layer's DeferredFiniteCheck (CUDA)
 
@@ -172,7 +173,7 @@ def _native_step(x, weight, bias, running_phi, running_nu, num_steps, mask, cfg)
     deferred = defers_checks(x)
     step, warm, use_batch = _call_plan(cfg, num_steps, deferred)
     version = num_steps._version
-    out = cfg.kernels.train_step(
+    out = cfg.train_step(
         x, weight, bias, running_phi, running_nu, num_steps, mask.weights, mask.count,
         mask.rows, step or 0, warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.alpha_bkw,
         cfg.groups or 0)
@@ -184,7 +185,8 @@ def _native_step(x, weight, bias, running_phi, running_nu, num_steps, mask, cfg)
     elif not ok:  # the step left psi^2 and num_steps as they were
         cfg.steps.forget()
         raise FloatingPointError(_not_finite(cfg.name, ""))
-    cfg.steps.moved(num_steps, version)
+    if cfg.warmup_updates:  # only warm-up reads the mirror (an outdated one reads the buffer)
+        cfg.steps.moved(num_steps, version)
     return y
 
 
@@ -450,8 +452,8 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = self._config.cfg or self._configure()
         tensors = self._tensors()
-        group = distributed_world(self.sync, self.process_group)
-        if cfg.kernels.train_step is not None and group is None:
+        group = distributed_world(cfg.sync, cfg.process_group) if cfg.sync else None
+        if cfg.train_step is not None and group is None:
             step = _native_step_under_compile() if _compiling() else _native_step
             y = step(x.contiguous(), *tensors, mask, cfg)
             if y is not None:
@@ -468,10 +470,11 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         """The PowerNormConfig of this layer's training calls, built at its first call and
         after any change of a setting; the backend (``auto``: ``$POWERNORM_BACKEND``) is
         chosen then."""
+        kernels = kernels_for(self.backend)
         self._config.cfg = PowerNormConfig(
             self.mode, self.eps, self.alpha_fwd, self.alpha_bkw, self.warmup_updates,
             self.group_num, self.sync, self.process_group, self.causal, self.name,
-            kernels_for(self.backend), self._steps, self._checks)
+            kernels, kernels.train_step, self._steps, self._checks)
         return self._config.cfg
 
     def _tensors(self):
