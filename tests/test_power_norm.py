@@ -464,13 +464,19 @@ def test_native_step_declines_calls_without_fused_kernels():
 
     ops = NativeKernels().ops
     phi, nu, steps = torch.ones(C), torch.zeros(C), torch.zeros((), dtype=torch.long)
-    args = (None, 4, 4, 0, False, False, "paper", 1e-5, 0.9, 0.9, 0)
+    args = (None, 4, 0, False, False, NativeKernels.step_settings(0, None, 1e-5, 0.9, 0.9))
     for x in (torch.ones(4, C, dtype=torch.float64), torch.ones(4, C, device="meta")):
-        assert ops.train_step(x, None, None, phi, nu, steps, *args) == []
+        assert ops.train_step(x, None, None, phi, nu, steps, *args) == (None, None)
     assert int(steps) == 0 and bool(phi.eq(1).all()) and bool(nu.eq(0).all())
-    with pytest.raises(RuntimeError, match="mode must be one of paper, official, vanilla"):
-        ops.train_step(torch.ones(4, C), None, None, phi, nu, steps, None, 4, 4, 0, False,
-                       False, "pape", 1e-5, 0.9, 0.9, 0)
+    bad_settings = [
+        (NativeKernels.step_settings(3, None, 1e-5, 0.9, 0.9), r"settings\[0\] must be a mode"),
+        (NativeKernels.step_settings(0, 5, 1e-5, 0.9, 0.9), "groups=5 must be 0 or divide"),
+        (NativeKernels.step_settings(0, None, 0.0, 0.9, 0.9), "eps > 0 and rates in"),
+        (NativeKernels.step_settings(0, None, 1e-5, 0.9, 0.9).float(), "settings must be a"),
+    ]
+    for settings, message in bad_settings:
+        with pytest.raises(RuntimeError, match=message):
+            ops.train_step(torch.ones(4, C), None, None, phi, nu, steps, *args[:-1], settings)
 
     x, pad, dy = random_batch(torch.Generator().manual_seed(3))  # float64, into float32 layers
     results = []
@@ -487,10 +493,11 @@ def test_native_step_refuses_tensors_of_the_wrong_size_naming_them():
     from powernorm_plugin.modules.native_kernels import NativeKernels
 
     ops = NativeKernels().ops
+    settings = NativeKernels.step_settings(0, None, 1e-5, 0.9, 0.9)
     x = torch.ones(2, 3, C)
     good = dict(weight=torch.ones(C), bias=torch.zeros(C), running_phi=torch.ones(C),
                 running_nu=torch.zeros(C), num_steps=torch.zeros((), dtype=torch.long),
-                token_weights=torch.ones(6), count=6, rows=6)
+                token_weights=torch.ones(6), count=6)
     bad = [
         ("weight", torch.ones(C + 1), "weight must be a vector of the 12 features"),
         ("bias", torch.zeros(1, C), "bias must be a vector of the 12 features"),
@@ -499,23 +506,22 @@ def test_native_step_refuses_tensors_of_the_wrong_size_naming_them():
         ("num_steps", torch.zeros(2, dtype=torch.long), "num_steps must be one int64"),
         ("token_weights", torch.ones(5), "token_weights must be a contiguous Float vector of"),
         ("token_weights", torch.ones(6, dtype=torch.float64), "token_weights must be"),
-        ("rows", 8, "rows=8 and count=6 do not fit"),
-        ("count", 7, "rows=6 and count=7 do not fit"),
+        ("count", 7, "count=7 tokens do not fit x's 6 rows"),
     ]
     for name, value, message in bad:
         call = dict(good, **{name: value})
         with pytest.raises(RuntimeError, match=message):
-            ops.train_step(x, call["weight"], call["bias"], call["running_phi"],
-                           call["running_nu"], call["num_steps"], call["token_weights"],
-                           call["count"], call["rows"], 0, False, False, "paper", 1e-5, 0.9,
-                           0.9, 0)
+            ops.train_step(x, *call.values(), 0, False, False, settings)
     with pytest.raises(RuntimeError, match="without token_weights every row is a token"):
         ops.train_step(x, None, None, torch.ones(C), torch.zeros(C),
-                       torch.zeros((), dtype=torch.long), None, 5, 6, 0, False, False, "paper",
-                       1e-5, 0.9, 0.9, 0)
+                       torch.zeros((), dtype=torch.long), None, 5, 0, False, False, settings)
     assert int(good["num_steps"]) == 0 and bool(good["running_phi"].eq(1).all())
-    y, ok = ops.train_step(x, *good.values(), 0, False, False, "paper", 1e-5, 0.9, 0.9, 0)
-    assert y.shape == x.shape and bool(ok) and int(good["num_steps"]) == 1
+    y, ok = ops.train_step(x, *good.values(), 0, False, False, settings)
+    # ok: None, psi_B^2 being finite (known on the host)
+    assert y.shape == x.shape and ok is None and int(good["num_steps"]) == 1
+    x[0, 0, 0] = float("nan")
+    y, ok = ops.train_step(x, *good.values(), 0, False, False, settings)
+    assert not ok and int(good["num_steps"]) == 1 and bool(good["running_phi"].isfinite().all())
 
 
 @pytest.mark.parametrize("backend", ["native", "native-python", "eager"])

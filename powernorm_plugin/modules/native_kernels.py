@@ -148,9 +148,18 @@ class NativeKernels(EagerKernels):
     @property
     def train_step(self):
         """The operator torch.ops.powernorm_plugin.train_step (see the C++ file), which returns
-        (y, a 0-d bool that says whether psi_B^2 was finite), or an empty list where the C++
-        step does not take the call (nothing was done); None with ``fused`` off."""
+        (y, ok), ok None where psi_B^2 is known finite on the host, else a 0-d bool (False on
+        the CPU, the device's flag on a GPU); or (None, None) where the C++ step does not take
+        the call (nothing was done). None with ``fused`` off."""
         return self._train_step if self.fused else None
+
+    @staticmethod
+    def step_settings(mode_index, groups, eps, alpha_fwd, alpha_bkw):
+        """train_step's ``settings``: the layer's (mode, groups, eps, alpha_fwd, alpha_bkw) as
+        one float64 CPU vector, made once per layer configuration (mode_index: 0 paper,
+        1 official, 2 vanilla)."""
+        return torch.tensor([mode_index, groups or 0, eps, alpha_fwd, alpha_bkw],
+                            dtype=torch.float64)
 
     def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         if x.device.type != "cpu":

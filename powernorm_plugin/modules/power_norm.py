@@ -47,7 +47,7 @@ from .group_scaling import GroupRMSScaleFunction, check_groups
 from .host_mirrors import DeferredFiniteCheck, StepCounter
 from .kernels import EAGER, kernels_for, resolve_backend
 
-MODES = ("paper", "official", "vanilla")
+MODES = ("paper", "official", "vanilla")  # in the order of the C++ step's Mode
 
 
 class PowerNormConfig(NamedTuple):
@@ -65,6 +65,7 @@ class PowerNormConfig(NamedTuple):
     name: str
     kernels: object
     train_step: object  # the kernels' C++ training step (an operator), or None
+    settings: object  # with train_step: its settings tensor (NativeKernels.step_settings)
     steps: object  # the layer's StepCounter (num_steps on the host)
     checks: object  # the layer's DeferredFiniteCheck (CUDA)
 
@@ -173,18 +174,16 @@ def _native_step(x, weight, bias, running_phi, running_nu, num_steps, mask, cfg)
     deferred = defers_checks(x)
     step, warm, use_batch = _call_plan(cfg, num_steps, deferred)
     version = num_steps._version
-    out = cfg.train_step(
-        x, weight, bias, running_phi, running_nu, num_steps, mask.weights, mask.count,
-        mask.rows, step or 0, warm, use_batch, cfg.mode, cfg.eps, cfg.alpha_fwd, cfg.alpha_bkw,
-        cfg.groups or 0)
-    if not out:
+    y, ok = cfg.train_step(x, weight, bias, running_phi, running_nu, num_steps, mask.weights,
+                           mask.count, step or 0, warm, use_batch, cfg.settings)
+    if y is None:
         return None
-    y, ok = out
-    if deferred:
-        cfg.checks.record(ok)
-    elif not ok:  # the step left psi^2 and num_steps as they were
-        cfg.steps.forget()
-        raise FloatingPointError(_not_finite(cfg.name, ""))
+    if ok is not None:  # (None: psi_B^2 known finite, or no tokens)
+        if deferred:
+            cfg.checks.record(ok)
+        elif not ok:  # the step left psi^2 and num_steps as they were
+            cfg.steps.forget()
+            raise FloatingPointError(_not_finite(cfg.name, ""))
     if cfg.warmup_updates:  # only warm-up reads the mirror (an outdated one reads the buffer)
         cfg.steps.moved(num_steps, version)
     return y
@@ -471,10 +470,13 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         after any change of a setting; the backend (``auto``: ``$POWERNORM_BACKEND``) is
         chosen then."""
         kernels = kernels_for(self.backend)
+        step = kernels.train_step
+        settings = None if step is None else kernels.step_settings(
+            MODES.index(self.mode), self.group_num, self.eps, self.alpha_fwd, self.alpha_bkw)
         self._config.cfg = PowerNormConfig(
             self.mode, self.eps, self.alpha_fwd, self.alpha_bkw, self.warmup_updates,
             self.group_num, self.sync, self.process_group, self.causal, self.name,
-            kernels, kernels.train_step, self._steps, self._checks)
+            kernels, step, settings, self._steps, self._checks)
         return self._config.cfg
 
     def _tensors(self):

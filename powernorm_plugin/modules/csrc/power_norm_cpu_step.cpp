@@ -88,10 +88,7 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
     out.y = at::empty_like(x);
     forward_sweep<A>(x, groups, eps, sweep, out.y);
   }
-  if (count == 0) {
-    out.ok = at::scalar_tensor(true, x.options().dtype(at::kBool));
-    return out;
-  }
+  if (count == 0) return out;
   if (all_rows && !has_mask) std::copy(token_sq, token_sq + C, out.all_sq.data_ptr<A>());
   if (mode == kPaper) out.psi_b = at::empty({C}, opts);  // the paper's backward keeps it
   if (all_rows) out.inv_b = at::empty({C}, opts);
@@ -116,7 +113,7 @@ FusedForward forward_impl(const Tensor& x, const Tensor& m, const Tensor& w, con
   num_steps.data_ptr<int64_t>()[0] += ok ? 1 : 0;
   bump_version(running_phi);
   bump_version(num_steps);
-  out.ok = at::scalar_tensor(ok, x.options().dtype(at::kBool));
+  if (!ok) out.ok = at::scalar_tensor(false, x.options().dtype(at::kBool));
   if (use_batch) {
     affine<A>(ptr<A>(w), ptr<A>(b), inv, C, scale, shift);
     ForwardSweep<A> output;

@@ -14,7 +14,8 @@ namespace powernorm_plugin {
 
 // The forward's results: y; the 1/sqrt(psi + eps) that y was normalized by; r (rows x groups,
 // groups only); the batch statistics the backward keeps (psi_B^2, the all-row sum of z^2,
-// 1/sqrt(psi_B^2 + eps)); ok (0-d bool: psi_B^2 finite).
+// 1/sqrt(psi_B^2 + eps)); ok (0-d bool: psi_B^2 finite), which the CPU's step leaves
+// undefined where it is (or where the batch has no tokens).
 struct FusedForward {
   at::Tensor y, inv, r, psi_b, all_sq, inv_b, ok;
 };

@@ -48,11 +48,34 @@ using at::Tensor;
 using c10::optional;
 using torch::autograd::variable_list;
 
-Mode parse_mode(const std::string& mode) {
-  if (mode == "paper") return kPaper;
-  if (mode == "official") return kOfficial;
-  if (mode == "vanilla") return kVanilla;
-  TORCH_CHECK(false, "PowerNorm mode must be one of paper, official, vanilla; got '", mode, "'");
+// A layer's settings: one float64 CPU vector (mode index, groups, eps, alpha_fwd, alpha_bkw)
+// that the layer makes once (step_settings in native_kernels.py). As one tensor they cost a
+// call one argument to convert instead of five, each about 0.3 us of host time.
+struct Settings {
+  Mode mode;
+  int64_t groups;
+  double eps, alpha_fwd, alpha_bkw;
+};
+
+Settings read_settings(const Tensor& t, int64_t C) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.dim() == 1 &&
+                  t.size(0) == 5 && t.is_contiguous(),
+              "powernorm train_step: settings must be a float64 CPU vector (mode, groups, eps, "
+              "alpha_fwd, alpha_bkw), got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
+              t.device());
+  const double* v = t.data_ptr<double>();
+  TORCH_CHECK(v[0] == kPaper || v[0] == kOfficial || v[0] == kVanilla,
+              "powernorm train_step: settings[0] must be a mode (0 paper, 1 official, "
+              "2 vanilla), got ", v[0]);
+  const auto groups = static_cast<int64_t>(v[1]);
+  TORCH_CHECK(static_cast<double>(groups) == v[1] && groups >= 0 &&
+                  (groups == 0 || C % groups == 0),
+              "powernorm train_step: groups=", v[1], " must be 0 or divide the ", C,
+              " features");
+  TORCH_CHECK(v[2] > 0 && v[3] >= 0 && v[3] < 1 && v[4] >= 0 && v[4] < 1,
+              "powernorm train_step: settings need eps > 0 and rates in [0, 1), got eps=", v[2],
+              ", alpha_fwd=", v[3], ", alpha_bkw=", v[4]);
+  return {static_cast<Mode>(v[0]), groups, v[2], v[3], v[4]};
 }
 
 // t in dtype, contiguous: what the fused steps read through a pointer.
@@ -65,7 +88,7 @@ Tensor as(const Tensor& t, at::ScalarType dtype) {
 void check_step_tensors(const Tensor& x, const optional<Tensor>& weight,
                         const optional<Tensor>& bias, const Tensor& running_phi,
                         const Tensor& running_nu, const Tensor& num_steps,
-                        const optional<Tensor>& token_weights, int64_t count, int64_t rows) {
+                        const optional<Tensor>& token_weights, int64_t count) {
   const int64_t C = x.size(-1), N = x.numel() / C;
   auto per_feature = [&](const Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.device() == x.device(),
@@ -79,8 +102,8 @@ void check_step_tensors(const Tensor& x, const optional<Tensor>& weight,
   TORCH_CHECK(num_steps.numel() == 1 && num_steps.scalar_type() == at::kLong &&
                   num_steps.device() == x.device(),
               "powernorm train_step: num_steps must be one int64 on ", x.device());
-  TORCH_CHECK(rows == N && count >= 0 && count <= rows, "powernorm train_step: rows=", rows,
-              " and count=", count, " do not fit x's ", N, " rows");
+  TORCH_CHECK(count >= 0 && count <= N, "powernorm train_step: count=", count,
+              " tokens do not fit x's ", N, " rows");
   if (token_weights) {
     const Tensor& m = *token_weights;
     TORCH_CHECK(m.dim() == 1 && m.size(0) == N && m.is_contiguous() &&
@@ -89,8 +112,8 @@ void check_step_tensors(const Tensor& x, const optional<Tensor>& weight,
                 " vector of x's ", N, " rows on ", x.device(), ", got ", m.scalar_type(),
                 " of shape ", m.sizes(), " on ", m.device());
   } else {
-    TORCH_CHECK(count == rows, "powernorm train_step: without token_weights every row is a "
-                "token, but count=", count, " of ", rows, " rows");
+    TORCH_CHECK(count == N, "powernorm train_step: without token_weights every row is a "
+                "token, but count=", count, " of ", N, " rows");
   }
 }
 
@@ -167,9 +190,8 @@ struct PowerNormBackward : public torch::autograd::Node {
 Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
                          const optional<Tensor>& weight, const optional<Tensor>& bias,
                          const optional<Tensor>& token_weights, Tensor& running_phi,
-                         Tensor& running_nu, Tensor& num_steps, Mode mode, double eps,
-                         double alpha_fwd, double alpha_bkw, int64_t groups, int64_t count,
-                         int64_t rows, int64_t step, bool warm, bool use_batch, Tensor& ok) {
+                         Tensor& running_nu, Tensor& num_steps, const Settings& set,
+                         int64_t count, int64_t step, bool warm, bool use_batch, Tensor& ok) {
   const auto cd = compute_dtype(x);
   const Tensor m = token_weights.value_or(Tensor());
   FusedForward f;
@@ -179,8 +201,8 @@ Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
     at::AutoDispatchBelowADInplaceOrView guard;
     w = weight ? as(*weight, cd) : Tensor();
     b = bias ? as(*bias, cd) : Tensor();
-    f = fused.forward(x, m, w, b, running_phi, num_steps, mode, groups, eps,
-                      static_cast<double>(count), warm, use_batch, step, alpha_fwd);
+    f = fused.forward(x, m, w, b, running_phi, num_steps, set.mode, set.groups, set.eps,
+                      static_cast<double>(count), warm, use_batch, step, set.alpha_fwd);
   }
   ok = f.ok;
   if (torch::autograd::compute_requires_grad(x, weight, bias)) {
@@ -196,11 +218,11 @@ Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
     node->inv = f.inv;
     node->running_nu = running_nu;
     node->fused = &fused;
-    node->mode = mode;
-    node->groups = groups;
+    node->mode = set.mode;
+    node->groups = set.groups;
     node->count = count;
-    node->rows = rows;
-    node->alpha_bkw = alpha_bkw;
+    node->rows = x.numel() / x.size(-1);
+    node->alpha_bkw = set.alpha_bkw;
     node->weight_dtype = weight ? weight->scalar_type() : at::ScalarType::Undefined;
     node->bias_dtype = bias ? bias->scalar_type() : at::ScalarType::Undefined;
     torch::autograd::set_history(f.y, node);
@@ -208,37 +230,33 @@ Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
   return f.y;
 }
 
-// The training call: returns (y, ok), ok a 0-d bool (psi_B^2 finite; true for a batch
-// without tokens, which has no psi_B and updates nothing); or nothing, having done nothing,
+// The training call: returns (y, ok). ok: None where the step knows on the host that psi_B^2
+// is finite (the CPU's), or that there is none (a batch without tokens, which updates
+// nothing); else a 0-d bool, false on the CPU (psi^2 and num_steps were left as they were),
+// on a GPU the device's flag, which the caller reads later. (None, None), having done nothing,
 // where no fused step takes the call.
-std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
-                               const optional<Tensor>& bias, Tensor running_phi,
-                               Tensor running_nu, Tensor num_steps,
-                               const optional<Tensor>& token_weights, int64_t count,
-                               int64_t rows, int64_t step, bool warm, bool use_batch,
-                               const std::string& mode, double eps, double alpha_fwd,
-                               double alpha_bkw, int64_t groups) {
+std::tuple<Tensor, Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
+                                      const optional<Tensor>& bias, Tensor running_phi,
+                                      Tensor running_nu, Tensor num_steps,
+                                      const optional<Tensor>& token_weights, int64_t count,
+                                      int64_t step, bool warm, bool use_batch,
+                                      const Tensor& settings) {
   TORCH_CHECK(x.dim() >= 2 && x.size(-1) > 0 && x.is_contiguous(),
               "powernorm train_step: x must be a contiguous (..., features) tensor, got shape ",
               x.sizes());
-  const int64_t C = x.size(-1);
-  TORCH_CHECK(groups >= 0 && (groups == 0 || C % groups == 0), "powernorm train_step: groups=",
-              groups, " must be 0 or divide the ", C, " features");
+  const Settings set = read_settings(settings, x.size(-1));
   TORCH_CHECK(!warm || step > 0, "powernorm train_step: a warm-up call needs its step (>= 1)");
-  const Mode m = parse_mode(mode);
   const FusedStep* fused = fused_step(x);
   if (fused == nullptr || !fused->supports(x, running_phi, running_nu, count)) {
     return {};
   }
-  check_step_tensors(x, weight, bias, running_phi, running_nu, num_steps, token_weights, count,
-                     rows);
+  check_step_tensors(x, weight, bias, running_phi, running_nu, num_steps, token_weights, count);
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
     functorch->checkSupportsCppAutogradFunction();  // as a torch::autograd::Function would
   }
   Tensor ok;
   Tensor y = forward_with_node(*fused, x, weight, bias, token_weights, running_phi, running_nu,
-                               num_steps, m, eps, alpha_fwd, alpha_bkw, groups, count, rows,
-                               step, warm, use_batch, ok);
+                               num_steps, set, count, step, warm, use_batch, ok);
   return {y, ok};
 }
 
@@ -248,7 +266,6 @@ std::vector<Tensor> train_step(const Tensor& x, const optional<Tensor>& weight,
 TORCH_LIBRARY_FRAGMENT(powernorm_plugin, m) {
   m.def("train_step(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_phi, "
         "Tensor(b!) running_nu, Tensor(c!) num_steps, Tensor? token_weights, int count, "
-        "int rows, int step, bool warm, bool use_batch, str mode, float eps, float alpha_fwd, "
-        "float alpha_bkw, int groups) -> Tensor[]",
+        "int step, bool warm, bool use_batch, Tensor settings) -> (Tensor, Tensor)",
         &powernorm_plugin::train_step);
 }
