@@ -487,6 +487,16 @@ def test_native_step_declines_calls_without_fused_kernels():
         torch.testing.assert_close(n, e, rtol=1e-12, atol=1e-12)
 
 
+def test_first_training_call_under_another_default_device_runs_on_the_input_device():
+    # the layer's settings for the C++ step are made at its first training call: on the CPU,
+    # whatever torch's default device is then
+    x, pad, _ = random_batch(torch.Generator().manual_seed(8), dtype=torch.float32)
+    pn, ref = PowerNorm(C), PowerNorm(C)
+    with torch.device("meta"):
+        y = pn(x, pad)
+    torch.testing.assert_close(y, ref(x, pad), rtol=0, atol=0)
+
+
 def test_native_step_refuses_tensors_of_the_wrong_size_naming_them():
     # the fused steps read these through raw pointers: a wrong size is an error, not a read
     # past the end

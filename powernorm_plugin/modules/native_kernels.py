@@ -159,7 +159,7 @@ class NativeKernels(EagerKernels):
         one float64 CPU vector, made once per layer configuration (mode_index: 0 paper,
         1 official, 2 vanilla)."""
         return torch.tensor([mode_index, groups or 0, eps, alpha_fwd, alpha_bkw],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device="cpu")  # (whatever the default device)
 
     def forward(self, x, weights, groups, eps, scale=None, shift=None, sums=True, all_rows=True):
         if x.device.type != "cpu":
