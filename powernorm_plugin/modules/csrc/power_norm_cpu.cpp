@@ -62,7 +62,7 @@ class BlockSums {
         parts_(parts),
         rows_(std::max(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks)),
         count_((N + rows_ - 1) / rows_),
-        partial_(parts ? buffer(count_ * parts * C) : nullptr) {}
+        partial_(parts ? kept_buffer<acc_t, BlockSums>(count_ * parts * C) : nullptr) {}
 
   int64_t count() const { return count_; }
   int64_t first(int64_t blk) const { return blk * rows_; }
@@ -91,15 +91,6 @@ class BlockSums {
   }
 
  private:
-  // Kept from call to call rather than a few hundred KB malloc'ed and freed around every
-  // pass (heap churn: glibc trims and regrows its heap, and the page faults that follow can
-  // cost more than the pass).
-  static acc_t* buffer(int64_t size) {
-    static thread_local std::vector<acc_t> partials;
-    if (static_cast<int64_t>(partials.size()) < size) partials.resize(size);
-    return partials.data();
-  }
-
   int64_t N_, C_, parts_, rows_, count_;
   acc_t* partial_;
 };

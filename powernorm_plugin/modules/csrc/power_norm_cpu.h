@@ -7,7 +7,20 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace powernorm_plugin {
+
+// A buffer of at least `size` values for this thread, kept from call to call rather than
+// allocated and freed around every pass (heap churn: glibc trims and regrows its heap, and the
+// page faults that follow can cost more than the pass). One buffer per Use type: buffers in
+// use at the same time need different ones.
+template <typename T, typename Use>
+T* kept_buffer(int64_t size) {
+  static thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
 
 template <typename A>
 struct ForwardSweep {

@@ -10,7 +10,6 @@
 #include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "power_norm_cpu.h"
 #include "power_norm_fused.h"
@@ -44,11 +43,10 @@ bool all_finite(const A* v, int64_t C) {
 
 // The step's per-feature scratch vectors (n of C entries each), kept from call to call: only
 // what the backward keeps, or the caller gets, is a tensor.
+struct StepScratch;
 template <typename A>
 A* scratch(int64_t n, int64_t C) {
-  static thread_local std::vector<A> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n * C) buffer.resize(n * C);
-  return buffer.data();
+  return kept_buffer<A, StepScratch>(n * C);
 }
 
 template <typename A>

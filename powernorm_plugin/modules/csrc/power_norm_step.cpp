@@ -64,7 +64,9 @@ Settings read_settings(const Tensor& t, int64_t C) {
               "alpha_fwd, alpha_bkw), got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
               t.device());
   const double* v = t.data_ptr<double>();
-  TORCH_CHECK(v[0] == kPaper || v[0] == kOfficial || v[0] == kVanilla,
+  const auto mode = static_cast<int64_t>(v[0]);
+  TORCH_CHECK(static_cast<double>(mode) == v[0] &&
+                  (mode == kPaper || mode == kOfficial || mode == kVanilla),
               "powernorm train_step: settings[0] must be a mode (0 paper, 1 official, "
               "2 vanilla), got ", v[0]);
   const auto groups = static_cast<int64_t>(v[1]);
@@ -75,7 +77,7 @@ Settings read_settings(const Tensor& t, int64_t C) {
   TORCH_CHECK(v[2] > 0 && v[3] >= 0 && v[3] < 1 && v[4] >= 0 && v[4] < 1,
               "powernorm train_step: settings need eps > 0 and rates in [0, 1), got eps=", v[2],
               ", alpha_fwd=", v[3], ", alpha_bkw=", v[4]);
-  return {static_cast<Mode>(v[0]), groups, v[2], v[3], v[4]};
+  return {static_cast<Mode>(mode), groups, v[2], v[3], v[4]};
 }
 
 // t in dtype, contiguous: what the fused steps read through a pointer.
