@@ -451,7 +451,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = self._config.cfg or self._configure()
         tensors = self._tensors()
-        group = distributed_world(cfg.sync, cfg.process_group) if cfg.sync else None
+        group = distributed_world(cfg.sync, cfg.process_group)
         if cfg.train_step is not None and group is None:
             step = _native_step_under_compile() if _compiling() else _native_step
             y = step(x.contiguous(), *tensors, mask, cfg)

@@ -37,7 +37,7 @@ void affine(const A* w, const A* b, const A* inv, int64_t C, A* scale, A* shift)
 template <typename A>
 bool all_finite(const A* v, int64_t C) {
   int ok = 1;
-  for (int64_t c = 0; c < C; ++c) ok &= int(v[c] > -A(INFINITY)) & int(v[c] < A(INFINITY));
+  for (int64_t c = 0; c < C; ++c) ok &= int(finite_(v[c]));
   return ok != 0;
 }
 

@@ -137,7 +137,7 @@ struct PowerNormBackward : public torch::autograd::Node {
   Tensor r, psi_b, all_sq, inv_b, inv, running_nu;
   const FusedStep* fused = nullptr;
   Mode mode = kPaper;
-  int64_t groups = 0, count = 0, rows = 0;
+  int64_t groups = 0, count = 0;
   double alpha_bkw = 0;
   // the parameters' dtypes (Undefined: no such parameter), which their gradients take
   at::ScalarType weight_dtype = at::ScalarType::Undefined, bias_dtype = at::ScalarType::Undefined;
@@ -160,7 +160,7 @@ struct PowerNormBackward : public torch::autograd::Node {
     const FusedBackward f =
         fused->backward(dy, xs, r, token_weights.unpack(), gamma.unpack(), inv, psi_b, all_sq,
                         inv_b, running_nu, mode, groups, static_cast<double>(count),
-                        static_cast<double>(rows), alpha_bkw,
+                        static_cast<double>(xs.numel() / xs.size(-1)), alpha_bkw,
                         bias_dtype != at::ScalarType::Undefined);
     variable_list out{f.dx, Tensor(), Tensor()};
     if (weight_dtype != at::ScalarType::Undefined) out[1] = as(f.grad_w, weight_dtype);
@@ -223,7 +223,6 @@ Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
     node->mode = set.mode;
     node->groups = set.groups;
     node->count = count;
-    node->rows = x.numel() / x.size(-1);
     node->alpha_bkw = set.alpha_bkw;
     node->weight_dtype = weight ? weight->scalar_type() : at::ScalarType::Undefined;
     node->bias_dtype = bias ? bias->scalar_type() : at::ScalarType::Undefined;
