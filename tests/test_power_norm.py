@@ -1,5 +1,6 @@
 """PowerNorm against a float64 transcription of its equations, and its contracts."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -634,8 +635,13 @@ def test_build_norm_kinds():
 
 
 @pytest.mark.slow
-def test_model_under_torch_compile_trains_as_in_eager():
-    # torch.compile stops in front of the native step (a graph break) and runs it eagerly
+@pytest.mark.parametrize("backend", ["native", "native-python"])
+def test_model_under_torch_compile_trains_as_in_eager(backend, monkeypatch):
+    # torch.compile stops in front of the native step (a graph break) and runs it eagerly; it
+    # traces the Python step (synchronized statistics, calls the C++ step declines), its pass
+    # operators through their fake kernels
+    layer_backend(backend, monkeypatch)
+
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -659,3 +665,64 @@ def test_model_under_torch_compile_trains_as_in_eager():
     for name, buffer in eager.norm.named_buffers():
         torch.testing.assert_close(getattr(compiled.norm, name), buffer)
     assert int(compiled.norm.num_steps) == 3
+
+
+def test_pass_operators_state_their_result_shapes_for_torch_compile():
+    # torch.compile traces the Python step's C++ passes on tensors without data, through fake
+    # kernels that must give each result's shape and dtype and keep results from aliasing
+    # (opcheck runs each operator for real and traced, and compares)
+    from powernorm_plugin.modules.native_kernels import load_library
+
+    ops = load_library()
+    gen = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(2, 3, C, generator=gen), torch.randn(2, 3, C, generator=gen)
+    mask = torch.tensor([1.0, 1, 0, 1, 1, 0])
+
+    def vectors(wanted):
+        return (torch.rand(C, generator=gen) + 0.5, torch.rand(C)) if wanted else (None, None)
+
+    for weights, groups, scaled, sums, all_rows in itertools.product(
+            [None, mask], [0, 3], [False, True], [False, True], [False, True]):
+        if not (scaled or sums):
+            continue  # (nothing to compute: refused)
+        torch.library.opcheck(ops.forward.default,
+                              (x, weights, groups, 1e-5, *vectors(scaled), sums, all_rows))
+        r = ops.forward(x, weights, groups, 1e-5, None, None, True, False)[3] if groups else None
+        torch.library.opcheck(ops.backward.default, (dy, x, r, weights, groups, *vectors(scaled),
+                                                     all_rows, sums, not all_rows))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["native", "native-python", "eager"])
+def test_training_under_compiled_autograd_matches_eager(backend, monkeypatch):
+    # torch's compiled autograd records the step's backward in its graph (the C++ step's node
+    # as one opaque call) and gives the gradients and running nu of an eager backward; a
+    # batch's token count is an input of the graph, not a reason to record it again
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(22)  # batches of 22, 26 and 16 tokens
+    pn = PowerNorm(C, backend=layer_backend(backend, monkeypatch), group_num=3,
+                   warmup_updates=1)
+    ref = copy.deepcopy(pn)
+    compiled_autograd.reset()
+    captures = []
+    for _ in range(3):  # a warm-up call, then two after it
+        x, pad, dy = random_batch(gen, torch.float32)
+        results = []
+        for layer, compiled in ((pn, True), (ref, False)):
+            xg = x.clone().requires_grad_(True)
+            layer.zero_grad()
+            y = layer(xg, pad)
+            if compiled:
+                # (the C++ step's node, where it ran)
+                assert (y.grad_fn.name() == "PowerNormBackward") == (backend == "native")
+                with compiled_autograd._enable(torch.compile(backend="eager")):
+                    y.backward(dy)
+            else:
+                y.backward(dy)
+            results.append((xg.grad, layer.weight.grad, layer.bias.grad, layer.running_nu))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        captures.append(counters["compiled_autograd"]["captures"])
+    assert captures[2] == captures[1] > 0

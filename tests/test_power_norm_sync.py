@@ -31,6 +31,8 @@ def make_norm(kind, sync):
 
 
 def train(norm, batches, cols):
+    """The input gradients of a training call on each batch's columns ``cols``; ``norm`` the
+    layer or its torch.compile'd call."""
     grads = []
     for x, pad, dy in batches:
         xs = x[:, cols].clone().requires_grad_(True)
@@ -43,7 +45,8 @@ KINDS = ["paper", "official", "vanilla", "batch"]
 
 
 def worker(rank, port, out_dir):
-    """Each rank trains on its half of every batch: all kinds with sync, paper without."""
+    """Each rank trains on its half of every batch: all kinds with sync, paper without, and
+    paper with sync under torch.compile."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         half = B // 2
@@ -53,6 +56,9 @@ def worker(rank, port, out_dir):
             norm = make_norm(kind, sync)
             grads = train(norm, make_batches(), cols)
             results[f"{kind}-{sync}"] = {"state": norm.state_dict(), "grads": grads}
+        norm = make_norm("paper", True)
+        grads = train(torch.compile(norm, backend="eager"), make_batches(), cols)
+        results["paper-True-compiled"] = {"state": norm.state_dict(), "grads": grads}
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -91,3 +97,15 @@ def test_sync_equals_one_worker_on_the_whole_batch(kind, two_workers):
 def test_without_sync_workers_keep_their_own_statistics(two_workers):
     a, b = (r["paper-False"]["state"]["running_phi"] for r in two_workers)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.slow
+def test_sync_under_torch_compile_trains_as_in_eager(two_workers):
+    # torch.compile traces the Python step that synchronized statistics run, all-reduces and
+    # C++ passes included
+    for rank in two_workers:
+        eager, compiled = rank["paper-True"], rank["paper-True-compiled"]
+        for name, value in eager["state"].items():
+            torch.testing.assert_close(compiled["state"][name], value, rtol=0, atol=0)
+        for got, want in zip(compiled["grads"], eager["grads"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -89,15 +89,49 @@ def load_library():
     Where the CUDA kernels fail to build, says so once and builds the library without them.
     """
     cuda = cuda_target()
+    ops = None
     if cuda is not None:
         try:
-            return _load(cuda)
+            ops = _load(cuda)
         except Exception as err:  # noqa: BLE001  (any build failure: the CPU-only library)
             text = str(err).strip().splitlines()
             logger.warning("powernorm_plugin: PowerNorm's CUDA kernels did not build (%s); on "
                            "the GPU its native backend runs the slower Python step",
                            text[-1] if text else err)
-    return _load(None)
+    ops = ops or _load(None)
+    _register_fake_kernels()
+    return ops
+
+
+_fake_kernels = []
+
+
+def _register_fake_kernels():
+    """The shapes and dtypes of the pass operators' results, for torch.compile's tracer (which
+    runs operators on tensors without data): what ``forward`` and ``backward`` in
+    ``csrc/power_norm_cpu.cpp`` return, an empty vector for each result a call does not ask
+    for. Once per process."""
+    if _fake_kernels:
+        return
+    _fake_kernels.append(True)
+
+    def per_feature(x, wanted):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty((x.shape[-1] if wanted else 0,), dtype=dtype)
+
+    @torch.library.register_fake("powernorm_plugin::forward")
+    def _forward(x, mask, groups, eps, scale, shift, sums, all_rows):
+        y = torch.empty_like(x) if scale is not None else x.new_empty((0,))
+        rows = x.numel() // x.shape[-1] if groups else 0
+        r = x.new_empty((rows, groups), dtype=per_feature(x, False).dtype)
+        return [y, per_feature(x, sums), per_feature(x, sums and mask is not None and all_rows),
+                r]
+
+    @torch.library.register_fake("powernorm_plugin::backward")
+    def _backward(dy, x, r, mask, groups, a, b, b_all_rows, sums, token_rows):
+        dx = torch.empty_like(x) if a is not None else x.new_empty((0,))
+        return [dx, per_feature(x, sums and token_rows and mask is not None),
+                per_feature(x, sums), per_feature(x, sums)]
 
 
 def _load(cuda):
@@ -181,4 +215,6 @@ class NativeKernels(EagerKernels):
             token_dz = all_dz = dy_sum = None
         elif not token_rows:
             token_dz = None
+        elif weights is None:
+            token_dz = all_dz  # every row is a token
         return dx if a is not None else None, token_dz, all_dz, dy_sum

@@ -415,7 +415,9 @@ template void backward_sweep<double>(const Tensor&, const Tensor&, int64_t,
 namespace {
 
 // The operators, for PowerNorm's Python step (the C++ step calls the sweeps). Tensors a call
-// does not compute are returned empty.
+// does not compute are returned empty, each its own tensor: an operator's results must not
+// alias one another for torch.compile to trace it (through the fake kernels that
+// native_kernels.py registers, which state the same shapes).
 
 // Returns (y, token sum of z^2, all-row sum of z^2, r). y is computed where scale and shift
 // are given, the token sum where `sums` is true and the all-row sum where `all_rows` is true
@@ -432,12 +434,11 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, 
   const bool out = scale.has_value();
   TORCH_CHECK(sums || out, "powernorm_cpu.forward: nothing to compute");
   const auto opts = x.options().dtype(acc);
-  const Tensor empty = at::empty({0}, opts);
   all_rows = sums && mask.has_value() && all_rows;
   const Tensor y = out ? at::empty_like(x) : at::empty({0}, x.options());
-  const Tensor r = groups ? at::empty({N, groups}, opts) : empty;
-  const Tensor token = sums ? at::empty({C}, opts) : empty;
-  const Tensor all = all_rows ? at::empty({C}, opts) : empty;
+  const Tensor r = at::empty({groups ? N : 0, groups}, opts);
+  const Tensor token = at::empty({sums ? C : 0}, opts);
+  const Tensor all = at::empty({all_rows ? C : 0}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "powernorm_cpu_forward", [&] {
     ForwardSweep<scalar_t> s;
     s.mask = data_or_null<scalar_t>(mask);
@@ -453,7 +454,7 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, 
 
 // Returns (dx, token sum of dy z, all-row sum of dy z, all-row sum of dy). dx is computed where
 // a and b are given, the sums where `sums` is true, the token sum only where `token_rows` is
-// true as well (without a mask that is the all-row sum).
+// true and there is a mask as well (without one it is the all-row sum).
 std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& r,
                              const c10::optional<Tensor>& mask, int64_t groups,
                              const c10::optional<Tensor>& a, const c10::optional<Tensor>& b,
@@ -469,13 +470,11 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optio
   const bool grad = a.has_value();
   TORCH_CHECK(sums || grad, "powernorm_cpu.backward: nothing to compute");
   const auto opts = x.options().dtype(acc);
-  const Tensor empty = at::empty({0}, opts);
-  const bool token_asked = sums && token_rows;
-  token_rows = token_asked && mask.has_value();
+  token_rows = sums && token_rows && mask.has_value();
   const Tensor dx = grad ? at::empty_like(x) : at::empty({0}, x.options());
-  const Tensor token = token_rows ? at::empty({C}, opts) : empty;
-  const Tensor all = sums ? at::empty({C}, opts) : empty;
-  const Tensor dsum = sums ? at::empty({C}, opts) : empty;
+  const Tensor token = at::empty({token_rows ? C : 0}, opts);
+  const Tensor all = at::empty({sums ? C : 0}, opts);
+  const Tensor dsum = at::empty({sums ? C : 0}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "powernorm_cpu_backward", [&] {
     BackwardSweep<scalar_t> s;
     s.r = groups ? r->data_ptr<scalar_t>() : nullptr;
@@ -488,18 +487,21 @@ std::vector<Tensor> backward(const Tensor& dy, const Tensor& x, const c10::optio
     s.dy_sum = sums ? dsum.data_ptr<scalar_t>() : nullptr;
     backward_sweep<scalar_t>(dy, x, groups, s, dx);
   });
-  return {dx, token_rows ? token : token_asked ? all : empty, all, dsum};
+  return {dx, token, all, dsum};
 }
 
 }  // namespace
 }  // namespace powernorm_plugin
 
-// Registered as the operators torch.ops.powernorm_plugin.forward / .backward.
+// Registered as the operators torch.ops.powernorm_plugin.forward / .backward, CPU kernels.
 TORCH_LIBRARY(powernorm_plugin, m) {
   m.def("forward(Tensor x, Tensor? mask, int groups, float eps, Tensor? scale, Tensor? shift, "
-        "bool sums, bool all_rows) -> Tensor[]",
-        &powernorm_plugin::forward);
+        "bool sums, bool all_rows) -> Tensor[]");
   m.def("backward(Tensor dy, Tensor x, Tensor? r, Tensor? mask, int groups, Tensor? a, "
-        "Tensor? b, bool b_all_rows, bool sums, bool token_rows) -> Tensor[]",
-        &powernorm_plugin::backward);
+        "Tensor? b, bool b_all_rows, bool sums, bool token_rows) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(powernorm_plugin, CPU, m) {
+  m.impl("forward", &powernorm_plugin::forward);
+  m.impl("backward", &powernorm_plugin::backward);
 }

@@ -28,6 +28,7 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -125,6 +126,33 @@ const FusedStep* fused_step(const Tensor& x) {
   return x.is_cuda() ? cuda_step() : nullptr;
 }
 
+// The backward's arithmetic, from what the forward kept: dL/dx, dL/dweight, dL/dbias (undefined
+// for an absent parameter; the parameters' gradients in their own dtypes).
+struct BackwardInputs {
+  Tensor x, gamma, token_weights, r, psi_b, all_sq, inv_b, inv, running_nu;
+  Mode mode;
+  int64_t groups, count;
+  double alpha_bkw;
+  at::ScalarType weight_dtype, bias_dtype;  // Undefined: no such parameter
+};
+
+variable_list backward_step(const Tensor& dy_or_undefined, BackwardInputs in) {
+  // an undefined gradient is a zero one (as a torch::autograd::Function materializes it)
+  const Tensor dy = dy_or_undefined.defined() ? dy_or_undefined.contiguous()
+                                              : at::zeros_like(in.x);
+  const FusedStep* fused = fused_step(in.x);
+  TORCH_INTERNAL_ASSERT(fused != nullptr, "powernorm: no fused step for ", in.x.device());
+  const FusedBackward f = fused->backward(
+      dy, in.x, in.r, in.token_weights, in.gamma, in.inv, in.psi_b, in.all_sq, in.inv_b,
+      in.running_nu, in.mode, in.groups, static_cast<double>(in.count),
+      static_cast<double>(in.x.numel() / in.x.size(-1)), in.alpha_bkw,
+      in.bias_dtype != at::ScalarType::Undefined);
+  variable_list out{f.dx, Tensor(), Tensor()};
+  if (in.weight_dtype != at::ScalarType::Undefined) out[1] = as(f.grad_w, in.weight_dtype);
+  if (in.bias_dtype != at::ScalarType::Undefined) out[2] = as(f.grad_b, in.bias_dtype);
+  return out;
+}
+
 // The backward of one training call, written as torch's generated backward functions are: a
 // Node that keeps what the backward reads as members. (A torch::autograd::Function keeps it in
 // a map keyed by strings, and wraps its outputs through general code for views, in-place
@@ -135,9 +163,11 @@ struct PowerNormBackward : public torch::autograd::Node {
   // caught. The forward's own results, which nothing else can change, are kept as they are.
   torch::autograd::SavedVariable x, gamma, token_weights;
   Tensor r, psi_b, all_sq, inv_b, inv, running_nu;
-  const FusedStep* fused = nullptr;
   Mode mode = kPaper;
-  int64_t groups = 0, count = 0;
+  int64_t groups = 0;
+  // An IValue so that compiled autograd takes it as an input of its graph, not as part of the
+  // graph's cache key: it changes from batch to batch.
+  c10::IValue count = int64_t{0};
   double alpha_bkw = 0;
   // the parameters' dtypes (Undefined: no such parameter), which their gradients take
   at::ScalarType weight_dtype = at::ScalarType::Undefined, bias_dtype = at::ScalarType::Undefined;
@@ -154,17 +184,11 @@ struct PowerNormBackward : public torch::autograd::Node {
 
   // grads: dL/dy. Returns dL/dx, dL/dweight, dL/dbias (undefined for an absent parameter).
   variable_list apply(variable_list&& grads) override {
-    const Tensor xs = x.unpack();  // (raises where the graph was freed by an earlier backward)
-    // an undefined gradient is a zero one (as a torch::autograd::Function materializes it)
-    const Tensor dy = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(xs);
-    const FusedBackward f =
-        fused->backward(dy, xs, r, token_weights.unpack(), gamma.unpack(), inv, psi_b, all_sq,
-                        inv_b, running_nu, mode, groups, static_cast<double>(count),
-                        static_cast<double>(xs.numel() / xs.size(-1)), alpha_bkw,
-                        bias_dtype != at::ScalarType::Undefined);
-    variable_list out{f.dx, Tensor(), Tensor()};
-    if (weight_dtype != at::ScalarType::Undefined) out[1] = as(f.grad_w, weight_dtype);
-    if (bias_dtype != at::ScalarType::Undefined) out[2] = as(f.grad_b, bias_dtype);
+    // (x.unpack() raises where the graph was freed by an earlier backward)
+    variable_list out = backward_step(
+        grads[0], {x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq, inv_b,
+                   inv, running_nu, mode, groups, count.toInt(), alpha_bkw, weight_dtype,
+                   bias_dtype});
     if (torch::autograd::GradMode::is_enabled()) return not_differentiable(std::move(out));
     return out;
   }
@@ -182,6 +206,64 @@ struct PowerNormBackward : public torch::autograd::Node {
         "gradient, with running statistics) has no derivative of its own",
         static_cast<int64_t>(inputs.size()));
     return (*error)(std::move(inputs));
+  }
+
+  // torch's compiled autograd (torch._dynamo.compiled_autograd) first asks each node for what
+  // its backward reads (compiled_args: tensors and `count` become inputs of the compiled graph,
+  // the rest its cache key), then records the backward as one call in the graph
+  // (apply_with_saved). The step is not traceable, so that call runs it eagerly, as torch does
+  // for a C++ autograd Function.
+  void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
+    args.collect(x, false);
+    args.collect(gamma, false);
+    args.collect(token_weights, false);
+    for (const Tensor* t : {&r, &psi_b, &all_sq, &inv_b, &inv, &running_nu}) args.collect(*t);
+    args.collect(static_cast<int64_t>(mode));
+    args.collect(groups);
+    args.collect(count);
+    args.collect(alpha_bkw);
+    args.collect(weight_dtype);
+    args.collect(bias_dtype);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 torch::autograd::SwapSavedVariables& saved) override {
+    for (auto* v : {&x, &gamma, &token_weights}) saved.before(*v);
+    for (Tensor* t : {&r, &psi_b, &all_sq, &inv_b, &inv, &running_nu}) saved.before(*t);
+    saved.before(count);
+    const std::vector<c10::IValue> args{
+        x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq, inv_b, inv,
+        running_nu, static_cast<int64_t>(mode), groups, count, alpha_bkw,
+        static_cast<int64_t>(weight_dtype), static_cast<int64_t>(bias_dtype)};
+    std::vector<at::TypePtr> schema;
+    for (const c10::IValue& a : args) {
+      schema.push_back(a.isTensor() ? at::TensorType::get() : a.type());
+    }
+    const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+    const std::string fn = compiler->bind_function(
+        saved.get_py_compiler(), name(), &apply_functional, schema,
+        /*is_custom_function=*/true, /*is_traceable=*/false);
+    variable_list out = compiler->call_function(
+        saved.get_py_compiler(), "apply_functional", fn, grads, args,
+        torch::dynamo::autograd::IValuePacker<std::vector<std::optional<
+            torch::autograd::InputMetadata>>>::pack(
+            torch::dynamo::autograd::get_input_metadata(next_edges())));
+    for (auto* v : {&x, &gamma, &token_weights}) saved.after(*v);
+    for (Tensor* t : {&r, &psi_b, &all_sq, &inv_b, &inv, &running_nu}) saved.after(*t);
+    saved.after(count);
+    return out;
+  }
+
+  // The call apply_with_saved records, run with the graph's real tensors; args in its order.
+  static variable_list apply_functional(const variable_list& grads,
+                                        const std::vector<c10::IValue>& a) {
+    auto dtype = [](const c10::IValue& v) { return static_cast<at::ScalarType>(v.toInt()); };
+    return backward_step(
+        grads[0], {a[0].toTensor(), a[1].toTensor(), a[2].toTensor(), a[3].toTensor(),
+                   a[4].toTensor(), a[5].toTensor(), a[6].toTensor(), a[7].toTensor(),
+                   a[8].toTensor(), static_cast<Mode>(a[9].toInt()), a[10].toInt(),
+                   a[11].toSymInt().guard_int(__FILE__, __LINE__), a[12].toDouble(),
+                   dtype(a[13]), dtype(a[14])});
   }
 };
 
@@ -219,7 +301,6 @@ Tensor forward_with_node(const FusedStep& fused, const Tensor& x,
     node->inv_b = f.inv_b;
     node->inv = f.inv;
     node->running_nu = running_nu;
-    node->fused = &fused;
     node->mode = set.mode;
     node->groups = set.groups;
     node->count = count;
