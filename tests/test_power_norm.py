@@ -693,8 +693,9 @@ def test_pass_operators_state_their_result_shapes_for_torch_compile():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "native-python", "eager"])
-def test_training_under_compiled_autograd_matches_eager(backend, monkeypatch):
+def test_training_under_compiled_autograd_matches_eager(backend, device, monkeypatch):
     # torch's compiled autograd records the step's backward in its graph (the C++ step's node
     # as one opaque call) and gives the gradients and running nu of an eager backward; a
     # batch's token count is an input of the graph, not a reason to record it again
@@ -703,12 +704,12 @@ def test_training_under_compiled_autograd_matches_eager(backend, monkeypatch):
 
     gen = torch.Generator().manual_seed(22)  # batches of 22, 26 and 16 tokens
     pn = PowerNorm(C, backend=layer_backend(backend, monkeypatch), group_num=3,
-                   warmup_updates=1)
+                   warmup_updates=1).to(device)
     ref = copy.deepcopy(pn)
     compiled_autograd.reset()
     captures = []
     for _ in range(3):  # a warm-up call, then two after it
-        x, pad, dy = random_batch(gen, torch.float32)
+        x, pad, dy = (t.to(device) for t in random_batch(gen, torch.float32))
         results = []
         for layer, compiled in ((pn, True), (ref, False)):
             xg = x.clone().requires_grad_(True)
