@@ -26,6 +26,7 @@ import tempfile
 
 import torch
 
+from ._util import compute_dtype
 from .kernels import EagerKernels
 
 logger = logging.getLogger(__name__)
@@ -116,14 +117,13 @@ def _register_fake_kernels():
     _fake_kernels.append(True)
 
     def per_feature(x, wanted):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_empty((x.shape[-1] if wanted else 0,), dtype=dtype)
+        return x.new_empty((x.shape[-1] if wanted else 0,), dtype=compute_dtype(x))
 
     @torch.library.register_fake("powernorm_plugin::forward")
     def _forward(x, mask, groups, eps, scale, shift, sums, all_rows):
         y = torch.empty_like(x) if scale is not None else x.new_empty((0,))
         rows = x.numel() // x.shape[-1] if groups else 0
-        r = x.new_empty((rows, groups), dtype=per_feature(x, False).dtype)
+        r = x.new_empty((rows, groups), dtype=compute_dtype(x))
         return [y, per_feature(x, sums), per_feature(x, sums and mask is not None and all_rows),
                 r]
 

@@ -126,8 +126,8 @@ const FusedStep* fused_step(const Tensor& x) {
   return x.is_cuda() ? cuda_step() : nullptr;
 }
 
-// The backward's arithmetic, from what the forward kept: dL/dx, dL/dweight, dL/dbias (undefined
-// for an absent parameter; the parameters' gradients in their own dtypes).
+// What a call's backward reads besides dL/dy: the call's inputs, what its forward kept, its
+// settings.
 struct BackwardInputs {
   Tensor x, gamma, token_weights, r, psi_b, all_sq, inv_b, inv, running_nu;
   Mode mode;
@@ -136,6 +136,8 @@ struct BackwardInputs {
   at::ScalarType weight_dtype, bias_dtype;  // Undefined: no such parameter
 };
 
+// The backward's arithmetic: dL/dx, dL/dweight, dL/dbias (undefined for an absent parameter;
+// the parameters' gradients in their own dtypes).
 variable_list backward_step(const Tensor& dy_or_undefined, BackwardInputs in) {
   // an undefined gradient is a zero one (as a torch::autograd::Function materializes it)
   const Tensor dy = dy_or_undefined.defined() ? dy_or_undefined.contiguous()
@@ -254,7 +256,8 @@ struct PowerNormBackward : public torch::autograd::Node {
     return out;
   }
 
-  // The call apply_with_saved records, run with the graph's real tensors; args in its order.
+  // The call apply_with_saved records, run with the graph's real tensors; `a` holds
+  // BackwardInputs' fields in their order.
   static variable_list apply_functional(const variable_list& grads,
                                         const std::vector<c10::IValue>& a) {
     auto dtype = [](const c10::IValue& v) { return static_cast<at::ScalarType>(v.toInt()); };
