@@ -99,7 +99,8 @@ def load_library():
             logger.warning("powernorm_plugin: PowerNorm's CUDA kernels did not build (%s); on "
                            "the GPU its native backend runs the slower Python step",
                            text[-1] if text else err)
-    ops = ops or _load(None)
+    if ops is None:
+        ops = _load(None)
     _register_fake_kernels()
     return ops
 
@@ -112,14 +113,17 @@ def _register_fake_kernels():
     runs operators on tensors without data): what ``forward`` and ``backward`` in
     ``csrc/power_norm_cpu.cpp`` return, an empty vector for each result a call does not ask
     for. Once per process."""
-    if _fake_kernels:
+    # (register_fake: torch 2.4 and later; impl_abstract before)
+    register = getattr(torch.library, "register_fake", None) or getattr(
+        torch.library, "impl_abstract", None)
+    if _fake_kernels or register is None:
         return
     _fake_kernels.append(True)
 
     def per_feature(x, wanted):
         return x.new_empty((x.shape[-1] if wanted else 0,), dtype=compute_dtype(x))
 
-    @torch.library.register_fake("powernorm_plugin::forward")
+    @register("powernorm_plugin::forward")
     def _forward(x, mask, groups, eps, scale, shift, sums, all_rows):
         y = torch.empty_like(x) if scale is not None else x.new_empty((0,))
         rows = x.numel() // x.shape[-1] if groups else 0
@@ -127,7 +131,7 @@ def _register_fake_kernels():
         return [y, per_feature(x, sums), per_feature(x, sums and mask is not None and all_rows),
                 r]
 
-    @torch.library.register_fake("powernorm_plugin::backward")
+    @register("powernorm_plugin::backward")
     def _backward(dy, x, r, mask, groups, a, b, b_all_rows, sums, token_rows):
         dx = torch.empty_like(x) if a is not None else x.new_empty((0,))
         return [dx, per_feature(x, sums and token_rows and mask is not None),

@@ -28,8 +28,20 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+// torch's compiled autograd calls into a C++ node through an interface (PyCompilerInterface,
+// IValuePacker) that has changed from release to release; the node's part of it below follows
+// torch 2.13 and 2.14. With another torch the node goes without, and compiled autograd raises
+// NotImplementedError naming it.
+#ifndef POWERNORM_COMPILED_AUTOGRAD
+#define POWERNORM_COMPILED_AUTOGRAD \
+  (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13))
+#endif
+#if POWERNORM_COMPILED_AUTOGRAD
+#include <torch/csrc/dynamo/compiled_autograd.h>
+#endif
 
 #include <mutex>
 #include <string>
@@ -210,6 +222,7 @@ struct PowerNormBackward : public torch::autograd::Node {
     return (*error)(std::move(inputs));
   }
 
+#if POWERNORM_COMPILED_AUTOGRAD
   // torch's compiled autograd (torch._dynamo.compiled_autograd) first asks each node for what
   // its backward reads (compiled_args: tensors and `count` become inputs of the compiled graph,
   // the rest its cache key), then records the backward as one call in the graph
@@ -268,6 +281,7 @@ struct PowerNormBackward : public torch::autograd::Node {
                    a[11].toSymInt().guard_int(__FILE__, __LINE__), a[12].toDouble(),
                    dtype(a[13]), dtype(a[14])});
   }
+#endif
 };
 
 // The forward of a training call: y, and the call's backward node where a gradient is needed.
