@@ -667,6 +667,7 @@ def test_model_under_torch_compile_trains_as_in_eager(backend, monkeypatch):
     assert int(compiled.norm.num_steps) == 3
 
 
+@pytest.mark.slow
 def test_pass_operators_state_their_result_shapes_for_torch_compile():
     # torch.compile traces the Python step's C++ passes on tensors without data, through fake
     # kernels that must give each result's shape and dtype and keep results from aliasing
@@ -679,7 +680,9 @@ def test_pass_operators_state_their_result_shapes_for_torch_compile():
     mask = torch.tensor([1.0, 1, 0, 1, 1, 0])
 
     def vectors(wanted):
-        return (torch.rand(C, generator=gen) + 0.5, torch.rand(C)) if wanted else (None, None)
+        if not wanted:
+            return None, None
+        return torch.rand(C, generator=gen) + 0.5, torch.rand(C, generator=gen)
 
     for weights, groups, scaled, sums, all_rows in itertools.product(
             [None, mask], [0, 3], [False, True], [False, True], [False, True]):
