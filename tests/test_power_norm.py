@@ -730,3 +730,10 @@ def test_training_under_compiled_autograd_matches_eager(backend, device, monkeyp
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         captures.append(counters["compiled_autograd"]["captures"])
     assert captures[2] == captures[1] > 0
+    if backend == "native":
+        # under create_graph=True, as in eager: the gradients, and differentiating them raises
+        xg = x.clone().requires_grad_(True)
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            (dx,) = torch.autograd.grad(pn(xg, pad), xg, dy, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            dx.sum().backward()

@@ -274,12 +274,14 @@ struct PowerNormBackward : public torch::autograd::Node {
   static variable_list apply_functional(const variable_list& grads,
                                         const std::vector<c10::IValue>& a) {
     auto dtype = [](const c10::IValue& v) { return static_cast<at::ScalarType>(v.toInt()); };
-    return backward_step(
+    variable_list out = backward_step(
         grads[0], {a[0].toTensor(), a[1].toTensor(), a[2].toTensor(), a[3].toTensor(),
                    a[4].toTensor(), a[5].toTensor(), a[6].toTensor(), a[7].toTensor(),
                    a[8].toTensor(), static_cast<Mode>(a[9].toInt()), a[10].toInt(),
                    a[11].toSymInt().guard_int(__FILE__, __LINE__), a[12].toDouble(),
                    dtype(a[13]), dtype(a[14])});
+    if (torch::autograd::GradMode::is_enabled()) return not_differentiable(std::move(out));
+    return out;
   }
 #endif
 };
