@@ -45,6 +45,7 @@
 
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "power_norm_fused.h"
 
@@ -138,6 +139,21 @@ const FusedStep* fused_step(const Tensor& x) {
   return x.is_cuda() ? cuda_step() : nullptr;
 }
 
+// Under create_graph=True: the gradients as they are, but differentiating them raises (as
+// torch.autograd.function.once_differentiable does). The step's backward is the paper's
+// modified gradient, which has no derivative of its own.
+variable_list not_differentiable(variable_list&& grads) {
+  variable_list inputs;
+  for (const Tensor& g : grads) {
+    inputs.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
+  }
+  auto error = c10::make_intrusive<torch::autograd::DelayedError>(
+      "PowerNorm's training step is differentiable once: its backward (the paper's "
+      "gradient, with running statistics) has no derivative of its own",
+      static_cast<int64_t>(inputs.size()));
+  return (*error)(std::move(inputs));
+}
+
 // What a call's backward reads besides dL/dy: the call's inputs, what its forward kept, its
 // settings.
 struct BackwardInputs {
@@ -149,7 +165,7 @@ struct BackwardInputs {
 };
 
 // The backward's arithmetic: dL/dx, dL/dweight, dL/dbias (undefined for an absent parameter;
-// the parameters' gradients in their own dtypes).
+// the parameters' gradients in their own dtypes), differentiable once.
 variable_list backward_step(const Tensor& dy_or_undefined, BackwardInputs in) {
   // an undefined gradient is a zero one (as a torch::autograd::Function materializes it)
   const Tensor dy = dy_or_undefined.defined() ? dy_or_undefined.contiguous()
@@ -164,6 +180,7 @@ variable_list backward_step(const Tensor& dy_or_undefined, BackwardInputs in) {
   variable_list out{f.dx, Tensor(), Tensor()};
   if (in.weight_dtype != at::ScalarType::Undefined) out[1] = as(f.grad_w, in.weight_dtype);
   if (in.bias_dtype != at::ScalarType::Undefined) out[2] = as(f.grad_b, in.bias_dtype);
+  if (torch::autograd::GradMode::is_enabled()) return not_differentiable(std::move(out));
   return out;
 }
 
@@ -199,27 +216,10 @@ struct PowerNormBackward : public torch::autograd::Node {
   // grads: dL/dy. Returns dL/dx, dL/dweight, dL/dbias (undefined for an absent parameter).
   variable_list apply(variable_list&& grads) override {
     // (x.unpack() raises where the graph was freed by an earlier backward)
-    variable_list out = backward_step(
+    return backward_step(
         grads[0], {x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq, inv_b,
                    inv, running_nu, mode, groups, count.toInt(), alpha_bkw, weight_dtype,
                    bias_dtype});
-    if (torch::autograd::GradMode::is_enabled()) return not_differentiable(std::move(out));
-    return out;
-  }
-
-  // Under create_graph=True: the gradients as they are, but differentiating them raises (as
-  // torch.autograd.function.once_differentiable does). The step's backward is the paper's
-  // modified gradient, which has no derivative of its own.
-  static variable_list not_differentiable(variable_list&& grads) {
-    variable_list inputs;
-    for (const Tensor& g : grads) {
-      inputs.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
-    }
-    auto error = c10::make_intrusive<torch::autograd::DelayedError>(
-        "PowerNorm's training step is differentiable once: its backward (the paper's "
-        "gradient, with running statistics) has no derivative of its own",
-        static_cast<int64_t>(inputs.size()));
-    return (*error)(std::move(inputs));
   }
 
 #if POWERNORM_COMPILED_AUTOGRAD
@@ -228,14 +228,34 @@ struct PowerNormBackward : public torch::autograd::Node {
   // the rest its cache key), then records the backward as one call in the graph
   // (apply_with_saved). The step is not traceable, so that call runs it eagerly, as torch does
   // for a C++ autograd Function.
+  //
+  // each_lifted calls f on each member that becomes a graph input, in the one order that
+  // compiled_args collects them and apply_with_saved swaps them in and back: compiled autograd
+  // pairs the two by that order.
+  template <typename Self, typename F>
+  static void each_lifted(Self& self, F&& f) {
+    f(self.x);
+    f(self.gamma);
+    f(self.token_weights);
+    f(self.r);
+    f(self.psi_b);
+    f(self.all_sq);
+    f(self.inv_b);
+    f(self.inv);
+    f(self.running_nu);
+    f(self.count);
+  }
+
   void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
-    args.collect(x, false);
-    args.collect(gamma, false);
-    args.collect(token_weights, false);
-    for (const Tensor* t : {&r, &psi_b, &all_sq, &inv_b, &inv, &running_nu}) args.collect(*t);
+    each_lifted(*this, [&](const auto& v) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(v)>, torch::autograd::SavedVariable>) {
+        args.collect(v, /*is_output=*/false);
+      } else {
+        args.collect(v);
+      }
+    });
     args.collect(static_cast<int64_t>(mode));
     args.collect(groups);
-    args.collect(count);
     args.collect(alpha_bkw);
     args.collect(weight_dtype);
     args.collect(bias_dtype);
@@ -243,9 +263,7 @@ struct PowerNormBackward : public torch::autograd::Node {
 
   variable_list apply_with_saved(const variable_list& grads,
                                  torch::autograd::SwapSavedVariables& saved) override {
-    for (auto* v : {&x, &gamma, &token_weights}) saved.before(*v);
-    for (Tensor* t : {&r, &psi_b, &all_sq, &inv_b, &inv, &running_nu}) saved.before(*t);
-    saved.before(count);
+    each_lifted(*this, [&](auto& v) { saved.before(v); });
     const std::vector<c10::IValue> args{
         x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq, inv_b, inv,
         running_nu, static_cast<int64_t>(mode), groups, count, alpha_bkw,
@@ -263,9 +281,7 @@ struct PowerNormBackward : public torch::autograd::Node {
         torch::dynamo::autograd::IValuePacker<std::vector<std::optional<
             torch::autograd::InputMetadata>>>::pack(
             torch::dynamo::autograd::get_input_metadata(next_edges())));
-    for (auto* v : {&x, &gamma, &token_weights}) saved.after(*v);
-    for (Tensor* t : {&r, &psi_b, &all_sq, &inv_b, &inv, &running_nu}) saved.after(*t);
-    saved.after(count);
+    each_lifted(*this, [&](auto& v) { saved.after(v); });
     return out;
   }
 
@@ -274,14 +290,12 @@ struct PowerNormBackward : public torch::autograd::Node {
   static variable_list apply_functional(const variable_list& grads,
                                         const std::vector<c10::IValue>& a) {
     auto dtype = [](const c10::IValue& v) { return static_cast<at::ScalarType>(v.toInt()); };
-    variable_list out = backward_step(
+    return backward_step(
         grads[0], {a[0].toTensor(), a[1].toTensor(), a[2].toTensor(), a[3].toTensor(),
                    a[4].toTensor(), a[5].toTensor(), a[6].toTensor(), a[7].toTensor(),
                    a[8].toTensor(), static_cast<Mode>(a[9].toInt()), a[10].toInt(),
                    a[11].toSymInt().guard_int(__FILE__, __LINE__), a[12].toDouble(),
                    dtype(a[13]), dtype(a[14])});
-    if (torch::autograd::GradMode::is_enabled()) return not_differentiable(std::move(out));
-    return out;
   }
 #endif
 };
