@@ -149,9 +149,11 @@ def test_training_step_on_gpu_never_waits_for_the_device(mode, backend):
     assert int(pn.num_steps) == 5
 
 
-def test_masked_batch_norm_on_gpu_matches_cpu():
+@pytest.mark.parametrize("padded", [True, False])
+def test_masked_batch_norm_on_gpu_matches_cpu(padded):
     gen = torch.Generator().manual_seed(4)
     x, pad, dy = random_batch(gen, torch.float32)
+    pad = pad if padded else torch.zeros_like(pad)  # none: torch's batch norm kernels
     cpu = MaskedBatchNorm(C)
     gpu = copy.deepcopy(cpu).to(CUDA)
     for _ in range(2):
@@ -161,6 +163,36 @@ def test_masked_batch_norm_on_gpu_matches_cpu():
             torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4)
     for k, v in gpu.state_dict().items():
         torch.testing.assert_close(v.cpu(), cpu.state_dict()[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_masked_batch_norm_training_on_gpu_never_waits_for_the_device(padded):
+    gen = torch.Generator().manual_seed(6)
+    x, pad, dy = on_gpu(random_batch(gen, torch.float32), torch.float32)
+    pad = pad if padded else torch.zeros_like(pad)
+    bn = MaskedBatchNorm(C).to(CUDA)
+    run_module_step(bn, x, pad, dy)  # counts the mask's tokens
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_module_step(bn, x, pad, dy)
+        run_module_step(bn, x, pad, dy)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_masked_batch_norm_nan_on_gpu_is_reported_at_the_next_call():
+    bn = MaskedBatchNorm(C).to(CUDA)
+    bn.name = "encoder.layers.0.final_layer_norm"
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(5, 3, C, device=CUDA)
+    x[2, 1, 3] = float("nan")
+    bn(x)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm.*previous"):
+        bn(torch.randn(5, 3, C, device=CUDA))
 
 
 @pytest.mark.parametrize("backend", ["native", "eager"])

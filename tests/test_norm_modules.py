@@ -20,32 +20,118 @@ def batch():
     return x, pad
 
 
-def test_masked_batch_norm_matches_token_statistics(batch):
+@pytest.fixture(params=["padding", "dense"])
+def bn_batch(request, batch):
+    """The batch with its padding, or with none (MaskedBatchNorm then runs torch's kernels)."""
     x, pad = batch
+    return x, pad if request.param == "padding" else torch.zeros_like(pad)
+
+
+def test_masked_batch_norm_matches_token_statistics(bn_batch):
+    x, pad = bn_batch
     bn = MaskedBatchNorm(C, momentum=0.2).double()
-    xa = x.clone().requires_grad_(True)
-    y = bn(xa, pad)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    tok = x[~pad.t()]  # (N, C)
-    xr = x.clone().requires_grad_(True)
-    tr = xr[~pad.t()]
-    mean, var = tr.mean(0), tr.var(0, unbiased=False)
-    yr = (xr - mean) / torch.sqrt(var + 1e-5)
-    yr.backward(dy)
-    torch.testing.assert_close(y, yr)
-    torch.testing.assert_close(xa.grad, xr.grad)
-    torch.testing.assert_close(bn.running_mean, 0.2 * tok.mean(0))
-    torch.testing.assert_close(bn.running_var, 0.8 + 0.2 * tok.var(0, unbiased=True))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    dys = [torch.randn(T, B, C, generator=gen, dtype=torch.float64) for _ in range(2)]
+    mean_r, var_r = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for step, dy in enumerate(dys):  # two steps: the running statistics move from their last
+        xa = (x * (1 + step)).requires_grad_(True)
+        bn.zero_grad()
+        y = bn(xa, pad)
+        y.backward(dy)
+        xr = (x * (1 + step)).requires_grad_(True)
+        tok = xr[~pad.t()]  # (N, C)
+        mean, var = tok.mean(0), tok.var(0, unbiased=False)
+        yr = (xr - mean) / torch.sqrt(var + 1e-5) * bn.weight + bn.bias
+        want = torch.autograd.grad(yr, (xr, bn.weight, bn.bias), dy)
+        torch.testing.assert_close(y, yr)
+        for got, w in zip((xa.grad, bn.weight.grad, bn.bias.grad), want):
+            torch.testing.assert_close(got, w)
+        mean_r = 0.8 * mean_r + 0.2 * mean.detach()
+        var_r = 0.8 * var_r + 0.2 * tok.detach().var(0, unbiased=True)
+        torch.testing.assert_close(bn.running_mean, mean_r)
+        torch.testing.assert_close(bn.running_var, var_r)
+    assert int(bn.num_batches_tracked) == 2
     bn.eval()
-    want = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-5)
+    want = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-5) * bn.weight + bn.bias
     torch.testing.assert_close(bn(x), want)
 
 
-def test_masked_batch_norm_gradcheck(batch):
-    x, pad = batch
+def test_masked_batch_norm_gradcheck(bn_batch):
+    x, pad = bn_batch
     bn = MaskedBatchNorm(C).double()
-    assert torch.autograd.gradcheck(lambda t: bn(t, pad), (x.clone().requires_grad_(True),))
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, w, b: bn(t, pad), (xg, bn.weight, bn.bias))
+    # second derivatives too (the closed-form backward recomputes a differentiable graph)
+    assert torch.autograd.gradgradcheck(lambda t, w, b: bn(t, pad), (xg, bn.weight, bn.bias))
+
+
+def test_masked_batch_norm_low_precision_input(bn_batch):
+    x, pad = bn_batch
+    bn, ref = MaskedBatchNorm(C).bfloat16(), MaskedBatchNorm(C)
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    xf = xb.detach().float().requires_grad_(True)
+    y, yf = bn(xb, pad), ref(xf, pad)
+    y.backward(torch.ones_like(y))
+    yf.backward(torch.ones_like(yf))
+    assert y.dtype == xb.grad.dtype == bn.weight.grad.dtype == torch.bfloat16
+    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    torch.testing.assert_close(bn.running_var, ref.running_var)  # statistics in fp32
+    torch.testing.assert_close(y.float(), yf, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(xb.grad.float(), xf.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_masked_batch_norm_deferred_nan_report_keeps_statistics_clean(bn_batch, monkeypatch):
+    # what a CUDA device does, run here on the CPU
+    from powernorm_plugin.modules import masked_batch_norm
+
+    monkeypatch.setattr(masked_batch_norm, "defers_checks", lambda x: True)
+    x, pad = bn_batch
+    bn = MaskedBatchNorm(C).double()
+    bn.name = "encoder.layers.0.final_layer_norm"
+    bn(x, pad)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bad = x.clone()
+    bad[0, 0, 3] = float("nan")  # a token row in both batches
+    bn(bad, pad)  # no error yet, and nothing moved
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm.*previous"):
+        bn(x, pad)
+    bn(x, pad)  # reported once; the layer goes on from its clean state
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_masked_batch_norm_training_call_reads_no_device_value(bn_batch, monkeypatch):
+    # On a GPU, a value read on the host waits for the device. Without sync, the only read
+    # left in a training call is the previous call's finite flag, which on CUDA is a copy in
+    # pinned host memory (the token count is read once per padding mask, by token_mask).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from powernorm_plugin.modules import masked_batch_norm
+
+    monkeypatch.setattr(masked_batch_norm, "defers_checks", lambda x: True)
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.read = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.read.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    x, pad = bn_batch
+    bn = MaskedBatchNorm(C).double()
+    bn(x, pad).sum().backward()  # counts the mask's tokens
+    for _ in range(2):
+        flag = bn._checks._flag
+        with HostReads() as mode:
+            bn(x, pad).sum().backward()
+        assert len(mode.read) == 1 and mode.read[0] is flag
 
 
 def test_group_scaling_equation_and_gradcheck():

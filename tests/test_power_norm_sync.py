@@ -41,6 +41,18 @@ def train(norm, batches, cols):
     return grads
 
 
+def second_derivatives(norm, batches, cols):
+    """d/dx of sum(v * dL/dx) with dL/dx taken under create_graph=True (MaskedBatchNorm's exact
+    gradient is differentiable again), on each batch's columns ``cols``."""
+    out = []
+    for x, pad, dy in batches:
+        xs = x[:, cols].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(norm(xs, pad[cols]), xs, dy[:, cols], create_graph=True)
+        (grad * torch.cos(x[:, cols])).sum().backward()
+        out.append(xs.grad)
+    return out
+
+
 KINDS = ["paper", "official", "vanilla", "batch"]
 
 
@@ -56,6 +68,7 @@ def worker(rank, port, out_dir):
             norm = make_norm(kind, sync)
             grads = train(norm, make_batches(), cols)
             results[f"{kind}-{sync}"] = {"state": norm.state_dict(), "grads": grads}
+        results["batch-second"] = second_derivatives(make_norm("batch", True), make_batches(), cols)
         norm = make_norm("paper", True)
         grads = train(torch.compile(norm, backend="eager"), make_batches(), cols)
         results["paper-True-compiled"] = {"state": norm.state_dict(), "grads": grads}
@@ -91,6 +104,15 @@ def test_sync_equals_one_worker_on_the_whole_batch(kind, two_workers):
     for step, full in enumerate(full_grads):
         torch.testing.assert_close(ranks[0]["grads"][step], full[:, :half])
         torch.testing.assert_close(ranks[1]["grads"][step], full[:, half:])
+
+
+@pytest.mark.slow
+def test_sync_batch_norm_second_derivatives_equal_one_worker_on_the_whole_batch(two_workers):
+    full = second_derivatives(make_norm("batch", False), make_batches(), slice(None))
+    half = B // 2
+    for step, want in enumerate(full):
+        torch.testing.assert_close(two_workers[0]["batch-second"][step], want[:, :half])
+        torch.testing.assert_close(two_workers[1]["batch-second"][step], want[:, half:])
 
 
 @pytest.mark.slow

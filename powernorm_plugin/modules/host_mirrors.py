@@ -60,6 +60,13 @@ class StepCounter:
         self._source = dead_ref
 
 
+def defers_checks(x):
+    """Whether a training call on ``x`` reports a non-finite batch statistic at the next call
+    instead of at once: on CUDA, where testing at once would make the host wait for the
+    device."""
+    return x.is_cuda
+
+
 class DeferredFiniteCheck:
     """A 0-d bool on the device, read on the host one call later without waiting.
 

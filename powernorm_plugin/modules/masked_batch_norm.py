@@ -1,30 +1,142 @@
 """Batch normalization over the non-padding tokens of a (T, B, C) batch (Table 1's "BN").
 
-Training, per feature over the N tokens x_i (padding excluded):
+Training, per feature over the N tokens x_i (padding excluded; m_i = 1 for a token, else 0):
 
-    mu = mean_i x_i,   sigma^2 = mean_i (x_i - mu)^2
-    y  = gamma * (x - mu) / sqrt(sigma^2 + eps) + beta        (padding rows: the same map)
+    mu = mean_i x_i,   sigma^2 = mean_i (x_i - mu)^2,   inv = 1 / sqrt(sigma^2 + eps)
+    y  = gamma * (x - mu) * inv + beta                         (padding rows: the same map)
     running_mean <- (1 - momentum) running_mean + momentum mu
     running_var  <- (1 - momentum) running_var  + momentum sigma^2 * N / (N - 1)
 
-Inference: y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
-The gradient is exact (autograd through mu and sigma^2); with ``sync`` the sums behind mu and
-sigma^2 are all-reduced with a differentiable all-reduce, so the gradient is the global one.
+and the exact gradient through mu and sigma^2, with xhat = (x - mu) inv and g = dL/dy:
+
+    dL/dx_j = gamma inv (g_j - (m_j / N) (sum_i g_i + xhat_j sum_i g_i xhat_i))
+    dL/dgamma = sum_i g_i xhat_i,   dL/dbeta = sum_i g_i
+
+where the sums run over every row i, padding included, since every output depends on mu and
+sigma^2. Inference: y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+
+With ``sync`` the sums behind mu and sigma^2 and those behind the gradient are all-reduced
+over the process group, so statistics and input gradient are the global ones (SyncBatchNorm).
+Without it a training call never waits for a GPU: the token count comes from the padding mask,
+and a non-finite statistic is kept out of the running buffers on the device and reported at
+the layer's next training call.
 """
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._util import (
     FP32BuffersMixin, check_input, compute_dtype, distributed_world, register_affine, token_mask,
 )
+from .host_mirrors import DeferredFiniteCheck, defers_checks
 
 
 def _global_sum(t, group):
+    """``t`` summed over ``group`` (None: ``t``); differentiable, for the recomputed graph."""
     if group is None:
         return t
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(t, group=group)
+
+
+def token_statistics(xc, weights, count, group):
+    """(mu, sigma^2, N) over the token rows of the 2-D ``xc``, over ``group`` where given.
+
+    ``weights`` is 1.0 for tokens and 0.0 for padding (None: every row a token) and ``count``
+    the local token count. The variance is the mean square about mu (two passes), which stays
+    accurate where |mu| is large against sigma. N is a host float: the local count, or the
+    all-reduced one (read from the device, the one wait of a synchronized call).
+    Differentiable where grad mode is on.
+    """
+    C = xc.size(1)
+    total = weights @ xc if weights is not None else xc.sum(0)
+    if group is not None:
+        sums = _global_sum(torch.cat([total, total.new_tensor([count])]), group)
+        total, count = sums[:C], float(sums[C])
+    if count == 0:
+        return None, None, 0.0
+    mean = total / count
+    centered = xc - mean
+    sq = centered.square_() if not torch.is_grad_enabled() else centered * centered
+    sq_sum = weights @ sq if weights is not None else sq.sum(0)
+    return mean, _global_sum(sq_sum, group) / count, float(count)
+
+
+def batch_norm_map(xc, weight, bias, mean, var, eps):
+    """gamma (xc - mu) / sqrt(sigma^2 + eps) + beta, per feature (differentiable)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    return torch.addcmul(shift, xc, scale)
+
+
+class MaskedBatchNormFunction(torch.autograd.Function):
+    """Training-mode MaskedBatchNorm on the 2-D ``xc``, normalized by the token statistics
+    ``mean`` and ``var`` that :func:`token_statistics` computed from ``xc`` (``counts``: the
+    local token count it was given and the N it returned; N = 0: the running statistics,
+    constants), with the gradient of the module docstring in closed form, which takes fewer
+    passes over the activations than autograd through the forward's operators.
+
+    Under ``create_graph=True`` the backward recomputes the forward with differentiable
+    operators and differentiates it, so that second derivatives are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, weight, bias, mean, var, weights, counts, group, eps):
+        y = batch_norm_map(xc, weight, bias, mean, var, eps)
+        ctx.save_for_backward(xc, weight, bias, mean, var, weights)
+        ctx.counts, ctx.group, ctx.eps = counts, group, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, weight, bias, mean, var, weights = ctx.saved_tensors
+        (local_count, count), group, eps = ctx.counts, ctx.group, ctx.eps
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _recomputed_gradients(dy, xc, weight, bias, mean, var, weights, local_count,
+                                          count > 0, group, eps, ctx.needs_input_grad[:3])
+            return (*grads, None, None, None, None, None, None)
+        inv = torch.rsqrt(var + eps)
+        scale = inv * weight.to(inv.dtype) if weight is not None else inv
+        d = xc - mean
+        dy_sum = dy.sum(0)
+        dy_d = torch.linalg.vecdot(dy, d, dim=0)  # sum_i g_i (x_i - mu)
+        grad_w = (dy_d * inv).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = dy_sum.to(bias.dtype) if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if count == 0:  # the running statistics: constants
+                dx = dy * scale
+            else:
+                if group is not None:
+                    C = dy_sum.numel()
+                    sums = torch.cat([dy_sum, dy_d])
+                    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+                    dy_sum, dy_d = sums[:C], sums[C:]
+                # dx = scale g - m (scale / N) (sum g + (x - mu) inv^2 sum g (x - mu))
+                k = scale / count
+                dx = torch.addcmul(-k * dy_sum, d, -k * inv * inv * dy_d, out=d)
+                if weights is not None:
+                    dx.mul_(weights.unsqueeze(1))
+                dx.addcmul_(dy, scale)
+        return dx, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _recomputed_gradients(dy, xc, weight, bias, mean, var, weights, local_count, batch_stats,
+                          group, eps, needed):
+    """(dL/dxc, dL/dgamma, dL/dbeta) by autograd through the forward recomputed from ``xc``
+    (its statistics too, where ``batch_stats``), kept differentiable (create_graph)."""
+    inputs = [t for t, need in zip((xc, weight, bias), needed) if need]
+    with torch.enable_grad():
+        if batch_stats:
+            mean, var, _ = token_statistics(xc, weights, local_count, group)
+        y = batch_norm_map(xc, weight, bias, mean, var, eps)
+        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
+    return [next(found) if need else None for need in needed]
 
 
 class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
@@ -47,44 +159,70 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        self._checks = DeferredFiniteCheck()
 
     def forward(self, x, padding_mask=None):
         check_input(x, self.num_features, self.name)
         T, B, C = x.shape
         cd = compute_dtype(x)
         xc = x.reshape(T * B, C).to(cd)
-        if self.training:
-            mask = token_mask(padding_mask, T, B, x.device, cd, self.name)
-            group = distributed_world(self.sync, self.process_group)
-            w = torch.ones(T * B, dtype=cd, device=x.device) if mask.weights is None else mask.weights
-            sums = _global_sum(torch.cat([w @ xc, w.sum().view(1)]), group)
-            count = sums[-1].detach()
-            if float(count) > 0:
-                mean = sums[:C] / count
-                centered = xc - mean
-                var = _global_sum(w @ (centered * centered), group) / count
-                if not torch.isfinite(var).all():
-                    raise FloatingPointError(
-                        f"{self.name}: the batch mean/variance is not finite (the input holds "
-                        "NaN or Inf); its running statistics were left unchanged"
-                    )
-                with torch.no_grad():
-                    n = float(count)
-                    unbiased = var * (n / (n - 1)) if n > 1 else var
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                    self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
-                    self.num_batches_tracked.add_(1)
+        if not self.training:
+            y = batch_norm_map(xc, self.weight, self.bias, self.running_mean.to(cd),
+                               self.running_var.to(cd), self.eps)
+            return y.to(x.dtype).view(T, B, C)
+        deferred = defers_checks(x)
+        if deferred and self._checks.failed():
+            raise FloatingPointError(self._not_finite("of its previous training call "))
+        mask = token_mask(padding_mask, T, B, x.device, cd, self.name)
+        group = distributed_world(self.sync, self.process_group)
+        if mask.weights is None and group is None and mask.count > 1:
+            return self._dense_call(xc, deferred).to(x.dtype).view(T, B, C)
+        with torch.no_grad():
+            mean, var, count = token_statistics(xc, mask.weights, mask.count, group)
+            if count > 0:
+                unbiased = var * (count / (count - 1)) if count > 1 else var
+                self._store_running(self._moved(self.running_mean, mean),
+                                    self._moved(self.running_var, unbiased), deferred)
             else:  # padding only: use (and keep) the running statistics
                 mean, var = self.running_mean.to(cd), self.running_var.to(cd)
-        else:
-            mean, var = self.running_mean.to(cd), self.running_var.to(cd)
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.to(cd)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(cd)
-        return torch.addcmul(shift, xc, scale).to(x.dtype).view(T, B, C)
+        y = MaskedBatchNormFunction.apply(xc, self.weight, self.bias, mean, var, mask.weights,
+                                          (mask.count, count), group, self.eps)
+        return y.to(x.dtype).view(T, B, C)
+
+    def _dense_call(self, xc, deferred):
+        """A training call where every row is a token, without synchronization: the same
+        equations as torch's batch norm, whose fused kernels then run it (one pass each way
+        after the statistics) and update copies of the running statistics."""
+        cd = xc.dtype
+        new_mean = self.running_mean.to(cd, copy=True)
+        new_var = self.running_var.to(cd, copy=True)
+        weight = self.weight.to(cd) if self.weight is not None else None
+        bias = self.bias.to(cd) if self.bias is not None else None
+        y = torch.batch_norm(xc, weight, bias, new_mean, new_var, True, self.momentum, self.eps,
+                             torch.backends.cudnn.enabled)
+        self._store_running(new_mean, new_var, deferred)
+        return y
+
+    def _moved(self, buffer, value):
+        """(1 - momentum) buffer + momentum value."""
+        return torch.lerp(buffer, value.to(buffer.dtype), self.momentum)
+
+    def _store_running(self, new_mean, new_var, deferred):
+        """Take the moved running statistics where they are finite: otherwise raise (CPU), or
+        keep the old ones and report at the next call (CUDA)."""
+        ok = torch.isfinite(new_var.max())  # NaN propagates through max; Inf in x makes var NaN
+        if not deferred and not ok:
+            raise FloatingPointError(self._not_finite(""))
+        for buffer, new in ((self.running_mean, new_mean), (self.running_var, new_var)):
+            new = new.to(buffer.dtype)
+            buffer.copy_(torch.where(ok, new, buffer) if deferred else new)
+        self.num_batches_tracked.add_(ok.to(self.num_batches_tracked.dtype) if deferred else 1)
+        if deferred:
+            self._checks.record(ok)
+
+    def _not_finite(self, when):
+        return (f"{self.name}: the batch mean/variance {when}is not finite (the input holds NaN "
+                "or Inf); its running statistics were left unchanged")
 
     def affine_parameters(self):
         """(scale, shift) of the inference map y = scale * x + shift."""

@@ -44,7 +44,7 @@ from ._util import (
     token_mask,
 )
 from .group_scaling import GroupRMSScaleFunction, check_groups
-from .host_mirrors import DeferredFiniteCheck, StepCounter
+from .host_mirrors import DeferredFiniteCheck, StepCounter, defers_checks
 from .kernels import EAGER, kernels_for, resolve_backend
 
 MODES = ("paper", "official", "vanilla")  # in the order of the C++ step's Mode
@@ -312,12 +312,6 @@ def _native_step_under_compile():
     if not _eager_native_step:
         _eager_native_step.append(torch.compiler.disable(_native_step))
     return _eager_native_step[0]
-
-
-def defers_checks(x):
-    """Whether a training call on ``x`` reports a non-finite psi_B^2 at the next call instead
-    of at once: on CUDA, where testing at once would make the host wait for the device."""
-    return x.is_cuda
 
 
 def _not_finite(name, when):
