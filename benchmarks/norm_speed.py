@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of PowerNorm vs torch.nn.LayerNorm and MaskedBatchNorm.
 
-Training mode, (T, B, C) inputs with ~10% padding (as in fairseq batches), measured side by side
+Training mode, (T, B, C) inputs with ~10% padding (as in fairseq batches; ``--padding``), measured side by side
 in one process: the layers are timed in interleaved rounds and the median per layer is kept,
 so the ratios are robust to machine noise. Each layer's median and fastest round are shown.
 
@@ -135,12 +135,12 @@ def launch_profile(step, steps=50):
 
 
 def bench(shape, device, dtype, rounds, iters, heads, backends, timer=time.perf_counter,
-          launch=False):
+          launch=False, padding=0.1):
     T, B, C = shape
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(T, B, C, generator=gen) + 0.3).to(device, dtype).requires_grad_(True)
     dy = torch.randn(T, B, C, generator=gen).to(device, dtype)
-    pad = padding_mask(T, B, device)
+    pad = padding_mask(T, B, device, padding)
     steps = {}
     for name, layer, takes_mask in layers(C, heads, backends, device):
         steps[name] = step_fn(layer.to(device, dtype).train(), x, dy, pad, takes_mask)
@@ -179,12 +179,16 @@ def main():
                    help="cpu: this process's CPU time (CPU device only), which other load on "
                    "a shared machine disturbs less; use it with --threads 1")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--padding", type=float, default=0.1,
+                   help="mean fraction of padding positions (0: none, 0.5 at most)")
     p.add_argument("--launches", action="store_true",
                    help="CUDA: also report kernels, synchronizations and host time per step")
     p.add_argument("--malloc", choices=["steady", "default"], default="steady",
                    help="steady: glibc keeps freed memory mapped, so no layer's time includes "
                    "page faults caused by the allocations before it (see the module docstring)")
     args = p.parse_args()
+    if not 0.0 <= args.padding <= 0.5:
+        p.error(f"--padding must lie in [0, 0.5], got {args.padding}")
     logging.getLogger("filelock").setLevel(logging.WARNING)  # torch.compile's lock chatter
     if args.malloc == "steady":
         keep_freed_memory_mapped()
@@ -206,10 +210,12 @@ def main():
             shape = tuple(int(v) for v in s.split("x"))
             times, faults, mem, launches = bench(shape, device, getattr(torch, args.dtype),
                                                  args.rounds, args.iters, args.heads,
-                                                 args.backends, timer, args.launches)
+                                                 args.backends, timer, args.launches,
+                                                 args.padding)
             med = {layer: statistics.median(v) for layer, v in times.items()}
             best = {layer: min(v) for layer, v in times.items()}
-            print(f"\n{name}  (T, B, C) = {shape}, fwd+bwd, training mode, ~10% padding")
+            print(f"\n{name}  (T, B, C) = {shape}, fwd+bwd, training mode, "
+                  f"~{args.padding:.0%} padding")
             print("| layer | median ms | x LayerNorm | fastest ms | x LayerNorm "
                   "| page faults / step | peak MB |")
             print("|---|---:|---:|---:|---:|---:|---:|")
