@@ -27,7 +27,9 @@ def bn_batch(request, batch):
     return x, pad if request.param == "padding" else torch.zeros_like(pad)
 
 
-def test_masked_batch_norm_matches_token_statistics(bn_batch):
+@pytest.mark.parametrize("backend", ["native", "compiled", "eager"])
+def test_masked_batch_norm_matches_token_statistics(bn_batch, backend, monkeypatch):
+    monkeypatch.setenv("POWERNORM_BACKEND", backend)  # the passes behind the padded calls
     x, pad = bn_batch
     bn = MaskedBatchNorm(C, momentum=0.2).double()
     with torch.no_grad():

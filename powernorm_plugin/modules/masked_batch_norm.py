@@ -17,9 +17,10 @@ sigma^2. Inference: y = gamma * (x - running_mean) / sqrt(running_var + eps) + b
 
 With ``sync`` the sums behind mu and sigma^2 and those behind the gradient are all-reduced
 over the process group, so statistics and input gradient are the global ones (SyncBatchNorm).
-Without it a training call never waits for a GPU: the token count comes from the padding mask,
-and a non-finite statistic is kept out of the running buffers on the device and reported at
-the layer's next training call.
+Without it a training call does not wait for a GPU: N is the padding mask's token count,
+counted once per mask for all the layers that get it, and a non-finite statistic is kept out of
+the running buffers on the device and reported at the layer's next training call.
+Where no row is padding (and without ``sync``) torch's batch norm kernels run the call.
 """
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from ._util import (
     FP32BuffersMixin, check_input, compute_dtype, distributed_world, register_affine, token_mask,
 )
 from .host_mirrors import DeferredFiniteCheck, defers_checks
+from .kernels import kernels_for
 
 
 def _global_sum(t, group):
@@ -40,14 +42,16 @@ def _global_sum(t, group):
     return all_reduce(t, group=group)
 
 
-def token_statistics(xc, weights, count, group):
-    """(mu, sigma^2, N) over the token rows of the 2-D ``xc``, over ``group`` where given.
+def token_statistics(xc, weights, count, group, passes=None):
+    """(mu, sigma^2, N, xc - mu) over the token rows of the 2-D ``xc``, over ``group`` where
+    given; (None, None, 0.0, None) where there is no token.
 
     ``weights`` is 1.0 for tokens and 0.0 for padding (None: every row a token) and ``count``
     the local token count. The variance is the mean square about mu (two passes), which stays
     accurate where |mu| is large against sigma. N is a host float: the local count, or the
     all-reduced one (read from the device, the one wait of a synchronized call).
-    Differentiable where grad mode is on.
+    ``passes``: the kernels' passes (kernels.py), which sum the squares in one read (no
+    gradient); None: differentiable torch operators.
     """
     C = xc.size(1)
     total = weights @ xc if weights is not None else xc.sum(0)
@@ -55,12 +59,15 @@ def token_statistics(xc, weights, count, group):
         sums = _global_sum(torch.cat([total, total.new_tensor([count])]), group)
         total, count = sums[:C], float(sums[C])
     if count == 0:
-        return None, None, 0.0
+        return None, None, 0.0, None
     mean = total / count
     centered = xc - mean
-    sq = centered.square_() if not torch.is_grad_enabled() else centered * centered
-    sq_sum = weights @ sq if weights is not None else sq.sum(0)
-    return mean, _global_sum(sq_sum, group) / count, float(count)
+    if passes is not None:
+        sq_sum = passes.forward(centered, weights, 0, 0.0, sums=True, all_rows=False)[1]
+    else:
+        sq = centered * centered
+        sq_sum = weights @ sq if weights is not None else sq.sum(0)
+    return mean, _global_sum(sq_sum, group) / count, float(count), centered
 
 
 def batch_norm_map(xc, weight, bias, mean, var, eps):
@@ -76,35 +83,38 @@ def batch_norm_map(xc, weight, bias, mean, var, eps):
 
 class MaskedBatchNormFunction(torch.autograd.Function):
     """Training-mode MaskedBatchNorm on the 2-D ``xc``, normalized by the token statistics
-    ``mean`` and ``var`` that :func:`token_statistics` computed from ``xc`` (``counts``: the
-    local token count it was given and the N it returned; N = 0: the running statistics,
-    constants), with the gradient of the module docstring in closed form, which takes fewer
-    passes over the activations than autograd through the forward's operators.
+    ``mean`` and ``var`` that :func:`token_statistics` computed from ``xc`` (with
+    ``centered`` = xc - mean; ``counts``: the local token count it was given and the N it
+    returned; N = 0: the running statistics, constants, and ``centered`` None), with the
+    gradient of the module docstring in closed form: two of ``passes``' sweeps over the
+    activations (the sums, then dL/dx) where autograd through the forward's operators takes
+    about a dozen.
 
     Under ``create_graph=True`` the backward recomputes the forward with differentiable
     operators and differentiates it, so that second derivatives are exact.
     """
 
     @staticmethod
-    def forward(ctx, xc, weight, bias, mean, var, weights, counts, group, eps):
+    def forward(ctx, xc, weight, bias, mean, var, centered, weights, counts, group, eps, passes):
         y = batch_norm_map(xc, weight, bias, mean, var, eps)
-        ctx.save_for_backward(xc, weight, bias, mean, var, weights)
-        ctx.counts, ctx.group, ctx.eps = counts, group, eps
+        ctx.save_for_backward(xc, weight, bias, mean, var, centered, weights)
+        ctx.counts, ctx.group, ctx.eps, ctx.passes = counts, group, eps, passes
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xc, weight, bias, mean, var, weights = ctx.saved_tensors
+        xc, weight, bias, mean, var, d, weights = ctx.saved_tensors
         (local_count, count), group, eps = ctx.counts, ctx.group, ctx.eps
         if torch.is_grad_enabled():  # create_graph=True
             grads = _recomputed_gradients(dy, xc, weight, bias, mean, var, weights, local_count,
                                           count > 0, group, eps, ctx.needs_input_grad[:3])
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, *[None] * 8)
+        passes, dy = ctx.passes, dy.contiguous()
         inv = torch.rsqrt(var + eps)
         scale = inv * weight.to(inv.dtype) if weight is not None else inv
-        d = xc - mean
-        dy_sum = dy.sum(0)
-        dy_d = torch.linalg.vecdot(dy, d, dim=0)  # sum_i g_i (x_i - mu)
+        d = d if d is not None else xc - mean
+        # sum_i g_i (x_i - mu) and sum_i g_i, over every row
+        _, _, dy_d, dy_sum = passes.backward(dy, d, None, None, 0, token_rows=False)
         grad_w = (dy_d * inv).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = dy_sum.to(bias.dtype) if ctx.needs_input_grad[2] else None
         dx = None
@@ -117,13 +127,15 @@ class MaskedBatchNormFunction(torch.autograd.Function):
                     sums = torch.cat([dy_sum, dy_d])
                     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
                     dy_sum, dy_d = sums[:C], sums[C:]
-                # dx = scale g - m (scale / N) (sum g + (x - mu) inv^2 sum g (x - mu))
+                # dx = scale g - m (scale / N) ((x - mu) inv^2 sum g (x - mu) + sum g)
                 k = scale / count
-                dx = torch.addcmul(-k * dy_sum, d, -k * inv * inv * dy_d, out=d)
+                dx = passes.backward(dy, d, None, weights, 0, scale, k * inv * inv * dy_d,
+                                     sums=False)[0]
                 if weights is not None:
-                    dx.mul_(weights.unsqueeze(1))
-                dx.addcmul_(dy, scale)
-        return dx, grad_w, grad_b, None, None, None, None, None, None
+                    dx.addr_(weights, k * dy_sum, alpha=-1)
+                else:
+                    dx.sub_(k * dy_sum)
+        return (dx, grad_w, grad_b, *[None] * 8)
 
 
 def _recomputed_gradients(dy, xc, weight, bias, mean, var, weights, local_count, batch_stats,
@@ -133,7 +145,7 @@ def _recomputed_gradients(dy, xc, weight, bias, mean, var, weights, local_count,
     inputs = [t for t, need in zip((xc, weight, bias), needed) if need]
     with torch.enable_grad():
         if batch_stats:
-            mean, var, _ = token_statistics(xc, weights, local_count, group)
+            mean, var, _, _ = token_statistics(xc, weights, local_count, group)
         y = batch_norm_map(xc, weight, bias, mean, var, eps)
         found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
     return [next(found) if need else None for need in needed]
@@ -177,16 +189,19 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
         group = distributed_world(self.sync, self.process_group)
         if mask.weights is None and group is None and mask.count > 1:
             return self._dense_call(xc, deferred).to(x.dtype).view(T, B, C)
+        passes = kernels_for("auto").passes
         with torch.no_grad():
-            mean, var, count = token_statistics(xc, mask.weights, mask.count, group)
+            mean, var, count, centered = token_statistics(xc, mask.weights, mask.count, group,
+                                                          passes)
             if count > 0:
                 unbiased = var * (count / (count - 1)) if count > 1 else var
                 self._store_running(self._moved(self.running_mean, mean),
                                     self._moved(self.running_var, unbiased), deferred)
             else:  # padding only: use (and keep) the running statistics
                 mean, var = self.running_mean.to(cd), self.running_var.to(cd)
-        y = MaskedBatchNormFunction.apply(xc, self.weight, self.bias, mean, var, mask.weights,
-                                          (mask.count, count), group, self.eps)
+        y = MaskedBatchNormFunction.apply(xc, self.weight, self.bias, mean, var, centered,
+                                          mask.weights, (mask.count, count), group, self.eps,
+                                          passes)
         return y.to(x.dtype).view(T, B, C)
 
     def _dense_call(self, xc, deferred):
