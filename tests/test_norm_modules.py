@@ -85,6 +85,22 @@ def test_masked_batch_norm_low_precision_input(bn_batch):
     torch.testing.assert_close(xb.grad.float(), xf.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_masked_batch_norm_under_torch_compile_trains_as_in_eager(bn_batch):
+    import copy
+
+    x, pad = bn_batch
+    eager = MaskedBatchNorm(C).double()
+    compiled = copy.deepcopy(eager)
+    run = torch.compile(compiled, backend="eager")
+    for step in range(2):
+        xe, xc = (x.clone().requires_grad_(True) for _ in range(2))
+        eager(xe * (1 + step), pad).backward(torch.cos(x))
+        run(xc * (1 + step), pad).backward(torch.cos(x))
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=0, atol=0)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=0, atol=0)
+
+
 def test_masked_batch_norm_deferred_nan_report_keeps_statistics_clean(bn_batch, monkeypatch):
     # what a CUDA device does, run here on the CPU
     from powernorm_plugin.modules import masked_batch_norm
