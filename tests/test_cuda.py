@@ -129,6 +129,18 @@ def test_nan_input_on_gpu_is_refused_and_not_folded_into_statistics(mode):
         assert torch.equal(v, before[k]), k
 
 
+def steps_never_waiting(norm, x, pad, dy, steps=2):
+    """Training steps of ``norm`` under torch's sync debug mode "error", which raises at any
+    host-device synchronization."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            run_module_step(norm, x, pad, dy)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", ["native", "compiled", "eager"])
 def test_training_step_on_gpu_never_waits_for_the_device(mode, backend):
@@ -139,13 +151,7 @@ def test_training_step_on_gpu_never_waits_for_the_device(mode, backend):
     pn = PowerNorm(C, mode=mode, group_num=3, warmup_updates=2, backend=backend).to(CUDA)
     for _ in range(3):
         run_module_step(pn, x, pad, dy)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run_module_step(pn, x, pad, dy)
-        run_module_step(pn, x, pad, dy)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    steps_never_waiting(pn, x, pad, dy)
     assert int(pn.num_steps) == 5
 
 
@@ -172,13 +178,7 @@ def test_masked_batch_norm_training_on_gpu_never_waits_for_the_device(padded):
     pad = pad if padded else torch.zeros_like(pad)
     bn = MaskedBatchNorm(C).to(CUDA)
     run_module_step(bn, x, pad, dy)  # counts the mask's tokens
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run_module_step(bn, x, pad, dy)
-        run_module_step(bn, x, pad, dy)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    steps_never_waiting(bn, x, pad, dy)
     assert int(bn.num_batches_tracked) == 3
 
 

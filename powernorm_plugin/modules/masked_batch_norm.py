@@ -70,14 +70,21 @@ def token_statistics(xc, weights, count, group, passes=None):
     return mean, _global_sum(sq_sum, group) / count, float(count), centered
 
 
-def batch_norm_map(xc, weight, bias, mean, var, eps):
-    """gamma (xc - mu) / sqrt(sigma^2 + eps) + beta, per feature (differentiable)."""
+def affine_map(weight, bias, mean, var, eps):
+    """(scale, shift) per feature, with scale x + shift = gamma (x - mu) / sqrt(sigma^2 + eps)
+    + beta, in the statistics' dtype (differentiable)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(scale.dtype)
+    return scale, shift
+
+
+def batch_norm_map(xc, weight, bias, mean, var, eps):
+    """gamma (xc - mu) / sqrt(sigma^2 + eps) + beta, per feature (differentiable)."""
+    scale, shift = affine_map(weight, bias, mean, var, eps)
     return torch.addcmul(shift, xc, scale)
 
 
@@ -241,13 +248,7 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
 
     def affine_parameters(self):
         """(scale, shift) of the inference map y = scale * x + shift."""
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.to(scale.dtype)
-        shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(scale.dtype)
-        return scale, shift
+        return affine_map(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
