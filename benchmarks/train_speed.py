@@ -5,17 +5,17 @@
     python benchmarks/train_speed.py --device cuda --fp16 --embed-dim 512 --ffn-dim 2048 --layers 6
 
 Training: ``fairseq-train --arch powernorm_transformer_iwslt_de_en`` at the same size with
-the encoder norms set to ``layer`` (LayerNorm; fairseq's own) and ``power`` (PowerNorm, the
-architecture's default), on a generated corpus. Runs alternate (layer, power, layer, power,
-...) so that load changes on the machine hit both alike; each run's words per second is the
+the encoder norms set to each of ``--norms`` (default ``layer``, LayerNorm, fairseq's own, and
+``power``, PowerNorm, the architecture's default; ``batch`` is MaskedBatchNorm), on a generated
+corpus. Runs alternate (layer, power, layer, power, ...) so that load changes on the machine
+hit all alike; each run's words per second is the
 median of its ``train_inner`` logs after the first (which pays start-up and compilation); the
 table reports the median over runs. PowerNorm's warm-up is set short (--powernorm-warmup)
 so that the runs measure its steady state.
 
-Generation: ``fairseq-generate`` (beam 4) with the last LayerNorm checkpoint, the last
-PowerNorm checkpoint, and the PowerNorm checkpoint folded by
-``python -m powernorm_plugin.cli.fold_norms``; tokens per second as fairseq reports it,
-median over ``--repeats`` runs.
+Generation: ``fairseq-generate`` (beam 4) with each norm's last checkpoint and, for PowerNorm
+and MaskedBatchNorm, that checkpoint folded by ``python -m powernorm_plugin.cli.fold_norms``;
+tokens per second as fairseq reports it, median over ``--repeats`` runs.
 
 Prints a markdown table, with the machine's load average before and after.
 """
@@ -30,6 +30,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the encoder norms this benchmark can compare (fairseq flag value -> table label)
+LABELS = {"layer": "LayerNorm", "power": "PowerNorm", "batch": "MaskedBatchNorm",
+          "power_vanilla": "PowerNorm (PN-V)", "rms": "RMSNorm"}
+FOLDABLE = ("power", "batch", "power_vanilla")  # fold_norms folds these into linear layers
 USER_DIR = os.path.join(REPO, "powernorm_plugin")
 
 
@@ -110,6 +114,8 @@ def device_name(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--norms", nargs="+", default=["layer", "power"], choices=list(LABELS),
+                   help="encoder norms to compare (LayerNorm first, whether named or not)")
     p.add_argument("--fp16", action="store_true", help="with --device cuda: fairseq's --fp16")
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--ffn-dim", type=int, default=1024)
@@ -133,20 +139,22 @@ def main(argv=None):
     os.makedirs(root, exist_ok=True)
     data = make_corpus(root, a.vocab, a.sentences, a.threads)
 
-    wps = {"layer": [], "power": []}
+    norms = ["layer"] + [n for n in a.norms if n != "layer"]
+    wps = {norm: [] for norm in norms}
     for r in range(a.repeats):
-        for norm in ("layer", "power"):
+        for norm in norms:
             save = os.path.join(root, f"{norm}_{r}")
             wps[norm].append(train(data, save, norm, a))
             print(f"run {r + 1}/{a.repeats} {norm}: {wps[norm][-1]:.0f} wps", file=sys.stderr)
 
     ckpt = {norm: os.path.join(root, f"{norm}_{a.repeats - 1}", "checkpoint_last.pt") for norm in wps}
-    folded = os.path.join(root, "power_folded.pt")
-    run([sys.executable, "-m", "powernorm_plugin.cli.fold_norms", "--input", ckpt["power"],
-         "--output", folded], a.threads)
-    gen = {"layer": [], "power": [], "power folded": []}
+    for norm in [n for n in norms if n in FOLDABLE]:
+        ckpt[f"{norm} folded"] = os.path.join(root, f"{norm}_folded.pt")
+        run([sys.executable, "-m", "powernorm_plugin.cli.fold_norms", "--input", ckpt[norm],
+             "--output", ckpt[f"{norm} folded"]], a.threads)
+    gen = {name: [] for name in ckpt}
     for _ in range(a.repeats):
-        for name, path in (("layer", ckpt["layer"]), ("power", ckpt["power"]), ("power folded", folded)):
+        for name, path in ckpt.items():
             gen[name].append(generate(data, path, a))
 
     med = {k: statistics.median(v) for k, v in wps.items()}
@@ -157,12 +165,14 @@ def main(argv=None):
           f"{device_name(a)}.\n")
     print("| encoder norm | train wps (median) | runs | vs LayerNorm |")
     print("|---|---|---|---|")
-    for norm, label in (("layer", "LayerNorm"), ("power", "PowerNorm")):
+    for norm in norms:
         runs = ", ".join(f"{x:.0f}" for x in wps[norm])
-        print(f"| {label} | {med[norm]:.0f} | {runs} | {med[norm] / med['layer']:.3f}x |")
+        print(f"| {LABELS[norm]} | {med[norm]:.0f} | {runs} | {med[norm] / med['layer']:.3f}x |")
     print("\n| checkpoint | generate tokens/s (median, beam 4) | vs LayerNorm |")
     print("|---|---|---|")
-    for name, label in (("layer", "LayerNorm"), ("power", "PowerNorm"), ("power folded", "PowerNorm, folded")):
+    for name in gen:
+        norm, _, folded = name.partition(" ")
+        label = LABELS[norm] + (", folded" if folded else "")
         print(f"| {label} | {gmed[name]:.1f} | {gmed[name] / gmed['layer']:.3f}x |")
     load_after = os.getloadavg()
     print(f"\nLoad average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
