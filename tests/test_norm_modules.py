@@ -283,3 +283,9 @@ def test_unknown_mode_kind_and_options():
         PowerNorm(C, group_num=3)
     with pytest.raises(ValueError, match="alpha_fwd"):
         PowerNorm(C, alpha_fwd=1.0)
+    for make in (PowerNorm, MaskedBatchNorm):
+        for eps in (0, float("nan")):
+            with pytest.raises(ValueError, match=f"{make.__name__} eps must be positive, got"):
+                make(C, eps=eps)
+    with pytest.raises(ValueError, match=r"momentum must lie in \(0, 1\], got 0"):
+        MaskedBatchNorm(C, momentum=0)

@@ -168,6 +168,8 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"MaskedBatchNorm momentum must lie in (0, 1], got {momentum!r}")
+        if not eps > 0:  # eps = 0 turns a constant feature into 0 / 0 = NaN
+            raise ValueError(f"MaskedBatchNorm eps must be positive, got {eps!r}")
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

@@ -403,7 +403,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         for key, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"PowerNorm {key} must lie in [0, 1), got {value!r}")
-        if eps <= 0:
+        if not eps > 0:  # (NaN too)
             raise ValueError(f"PowerNorm eps must be positive, got {eps!r}")
         if warmup_updates < 0:
             raise ValueError(f"PowerNorm warmup_updates must be >= 0, got {warmup_updates!r}")
