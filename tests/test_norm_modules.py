@@ -101,27 +101,6 @@ def test_masked_batch_norm_under_torch_compile_trains_as_in_eager(bn_batch):
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=0, atol=0)
 
 
-def test_masked_batch_norm_deferred_nan_report_keeps_statistics_clean(bn_batch, monkeypatch):
-    # what a CUDA device does, run here on the CPU
-    from powernorm_plugin.modules import masked_batch_norm
-
-    monkeypatch.setattr(masked_batch_norm, "defers_checks", lambda x: True)
-    x, pad = bn_batch
-    bn = MaskedBatchNorm(C).double()
-    bn.name = "encoder.layers.0.final_layer_norm"
-    bn(x, pad)
-    before = {k: v.clone() for k, v in bn.state_dict().items()}
-    bad = x.clone()
-    bad[0, 0, 3] = float("nan")  # a token row in both batches
-    bn(bad, pad)  # no error yet, and nothing moved
-    for k, v in bn.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm.*previous"):
-        bn(x, pad)
-    bn(x, pad)  # reported once; the layer goes on from its clean state
-    assert int(bn.num_batches_tracked) == 2
-
-
 def test_masked_batch_norm_training_call_reads_no_device_value(bn_batch, monkeypatch):
     # On a GPU, a value read on the host waits for the device. Without sync, the only read
     # left in a training call is the previous call's finite flag, which on CUDA is a copy in
@@ -245,31 +224,39 @@ def test_nan_input_is_refused_not_folded_into_statistics(make):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("mode", ["paper", "official", "vanilla"])
-def test_deferred_nan_report_keeps_statistics_clean_and_names_the_layer(mode, monkeypatch):
+@pytest.mark.parametrize("make", [
+    lambda: PowerNorm(C, mode="paper", warmup_updates=2),
+    lambda: PowerNorm(C, mode="official", warmup_updates=2),
+    lambda: PowerNorm(C, mode="vanilla", warmup_updates=2),
+    lambda: MaskedBatchNorm(C),
+], ids=["paper", "official", "vanilla", "batch"])
+def test_deferred_nan_report_keeps_statistics_clean_and_names_the_layer(make, bn_batch,
+                                                                        monkeypatch):
     # what a CUDA device does (reporting at the next call, so that no step waits for the
     # device), run here on the CPU
-    from powernorm_plugin.modules import power_norm
+    from powernorm_plugin.modules import masked_batch_norm, power_norm
 
-    monkeypatch.setattr(power_norm, "defers_checks", lambda x: True)
-    norm = PowerNorm(C, mode=mode, warmup_updates=2)
+    for module in (power_norm, masked_batch_norm):
+        monkeypatch.setattr(module, "defers_checks", lambda x: True)
+    x, pad = bn_batch
+    norm = make().double()
     norm.name = "encoder.layers.0.final_layer_norm"
-    norm(torch.randn(T, B, C))  # one clean step
+    norm(x, pad)  # one clean step
     before = {k: v.clone() for k, v in norm.state_dict().items()}
-    x = torch.randn(T, B, C)
-    x[2, 1, 3] = float("nan")
-    norm(x)  # no error yet, and nothing folded into the statistics
+    bad = x.clone()
+    bad[0, 0, 3] = float("nan")  # a token row, with padding and without
+    norm(bad, pad)  # no error yet, and nothing folded into the statistics
     for k, v in norm.state_dict().items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(FloatingPointError, match="encoder.layers.0.final_layer_norm.*previous"):
-        norm(torch.randn(T, B, C))
-    clean = PowerNorm(C, mode=mode, warmup_updates=2)  # the layer goes on from its clean state
+        norm(x, pad)
+    clean = make().double()  # the layer goes on from its clean state
     clean.load_state_dict(before)
-    batch = torch.randn(T, B, C)
-    torch.testing.assert_close(norm(batch), clean(batch))
+    torch.testing.assert_close(norm(x * 2, pad), clean(x * 2, pad))
     for k, v in norm.state_dict().items():
         assert torch.equal(v, clean.state_dict()[k]), k
-    assert int(norm.num_steps) == 2
+    steps = "num_steps" if isinstance(norm, PowerNorm) else "num_batches_tracked"
+    assert int(norm.state_dict()[steps]) == 2
 
 
 def test_unknown_mode_kind_and_options():
