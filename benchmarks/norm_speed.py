@@ -1,8 +1,8 @@
 """Forward+backward time and peak memory of PowerNorm vs torch.nn.LayerNorm and MaskedBatchNorm.
 
-Training mode, (T, B, C) inputs with ~10% padding (as in fairseq batches; ``--padding``), measured side by side
-in one process: the layers are timed in interleaved rounds and the median per layer is kept,
-so the ratios are robust to machine noise. Each layer's median and fastest round are shown.
+Training mode, (T, B, C) inputs with ~10% padding (as in fairseq batches; ``--padding``),
+measured side by side in one process: the layers are timed in interleaved rounds and the
+median per layer is kept, so the ratios are robust to machine noise. Each layer's median and fastest round are shown.
 
 On the CPU, glibc's malloc returns freed heap memory to the kernel once enough of it is free
 at the top of the heap, and the next large tensor then page-faults its memory back in. Which

@@ -34,7 +34,8 @@ from .kernels import kernels_for
 
 
 def _global_sum(t, group):
-    """``t`` summed over ``group`` (None: ``t``); differentiable, for the recomputed graph."""
+    """``t`` summed over ``group`` (None: ``t``), differentiably: the backward's recomputed
+    graph under create_graph=True differentiates through it."""
     if group is None:
         return t
     from torch.distributed.nn.functional import all_reduce
