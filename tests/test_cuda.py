@@ -6,6 +6,9 @@ Skipped where no CUDA device is present (CI); run on a GPU machine with
 ``python -m pytest tests/test_cuda.py``.
 """
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from test_power_norm import C, MODES, random_batch, run_module_step, run_module_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
+MERGED_FINISH = "POWERNORM_CUDA_MERGED_FINISH"  # read by the native library when it loads
 
 
 def on_gpu(batch, dtype):
@@ -215,3 +219,34 @@ def test_group_scaling_compiled_on_gpu_matches_eager():
         grads.append((y.detach(), x.grad.clone()))
     for e, c in zip(*grads):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,sweeps", [("paper", 1), ("official", 1), ("vanilla", 2)])
+def test_native_step_launches_one_finish_per_direction_or_none_when_merged(mode, sweeps):
+    # per direction: the rows kernel (twice in PN-V), then the finish kernel, which the merged
+    # finish runs inside the rows kernel instead
+    gen = torch.Generator().manual_seed(6)
+    x, pad, dy = on_gpu(random_batch(gen, torch.float32), torch.float32)
+    pn = PowerNorm(C, mode=mode, backend="native").to(CUDA)
+    run_module_step(pn, x, pad, dy)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_module_step(pn, x, pad, dy)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = {kernel: sum(kernel in name for name in names)
+                for kernel in ("forward_rows", "backward_rows", "finish_forward", "finish_backward")}
+    finishes = 0 if os.environ.get(MERGED_FINISH) == "1" else 1
+    assert launches == {"forward_rows": sweeps, "backward_rows": sweeps,
+                        "finish_forward": finishes, "finish_backward": finishes}, names
+
+
+@pytest.mark.skipif(os.environ.get(MERGED_FINISH) == "1", reason="this is the merged run")
+def test_native_tests_pass_with_the_finish_merged_into_the_rows_kernels():
+    # The native library reads $POWERNORM_CUDA_MERGED_FINISH once, when it loads, so the
+    # merged finish gets a process of its own: this file's tests of the native kernels again.
+    tests = "(native or not (compiled or eager)) and not masked_batch_norm"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", tests], env=dict(os.environ, **{MERGED_FINISH: "1"}),
+                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

@@ -20,16 +20,27 @@
 //
 // Every sum is taken in a fixed order (per block of rows, in row order; then over the blocks
 // in block order; group sums by a fixed warp tree), so results do not vary from run to run.
+//
+// With POWERNORM_CUDA_MERGED_FINISH=1 in the environment (read once, when the library loads),
+// each finish runs inside the rows kernel before it instead, in the last of its blocks to
+// finish (last_to_arrive): two launches a step instead of four (four instead of six in
+// warm-up and PN-V). That path has not yet run on a GPU, so it is not the default.
 #include <ATen/AccumulateType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
 
 #include "power_norm_fused.h"
 
@@ -74,16 +85,90 @@ int finish_block(int64_t C) {
   return static_cast<int>(std::min<int64_t>(kFinishThreads, (C + 31) / 32 * 32));
 }
 
+// Sum over the blocks, in block order, of part `part` of their column sums. The loads bypass
+// L1 (__ldcg): in the merged finish the sums were written by other blocks of the same kernel.
+template <typename A>
+__device__ __forceinline__ A block_sum(const A* partial, int64_t blocks, int parts, int part,
+                                       int C, int c) {
+  A s = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) s += __ldcg(partial + (blk * parts + part) * C + c);
+  return s;
+}
+
+// Whether this block is the last of its kernel to get here (every thread gets the answer).
+// Each block counts itself in `arrivals` once its column sums are written and fenced, so the
+// last one sees every block's sums; it sets the count back to zero for the next launch.
+__device__ bool last_to_arrive(unsigned int* arrivals) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
+    if (last) *arrivals = 0u;
+  }
+  __syncthreads();
+  return last;
+}
+
+// The forward's statistics, by the threads of one block: psi_B^2, whether it is finite, inv
+// (of psi_{t-1}, or of psi_B with use_batch), inv_b (official), all_sq (official), psi^2 and
+// num_steps moved. A kernel of its own (finish_forward), or the end of forward_rows.
+template <typename A>
+struct ForwardFinish {
+  const A* partial;
+  int64_t blocks;
+  int parts, C;
+  A count, eps;
+  A* phi;
+  int64_t* num_steps;
+  bool* ok_out;
+  A *psi_b, *all_sq, *inv, *inv_b;
+  int64_t mode;
+  bool warm, use_batch;
+  A mean_rate, ema_rate;
+
+  __device__ void operator()() const {
+    bool finite = true;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      const A token = block_sum(partial, blocks, parts, 0, C, c);
+      const A psi = token / count;
+      psi_b[c] = psi;
+      if (all_sq != nullptr) {
+        all_sq[c] = parts == 2 ? block_sum(partial, blocks, parts, 1, C, c) : token;
+      }
+      finite = finite && finite_(psi);
+    }
+    const bool ok = __syncthreads_and(finite);
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      const A psi = psi_b[c];
+      const A p = phi[c];
+      inv[c] = rsqrt_((use_batch ? psi : p) + eps);
+      if (inv_b != nullptr) inv_b[c] = rsqrt_(psi + eps);
+      if (ok) phi[c] = moved_phi(p, psi, warm, mode, mean_rate, ema_rate);
+    }
+    if (threadIdx.x == 0) {
+      *ok_out = ok;
+      *num_steps += ok ? 1 : 0;
+    }
+  }
+};
+
+template <typename A>
+__global__ void finish_forward(ForwardFinish<A> finish) {
+  finish();
+}
+
 // The forward's sweep. With `norm`, writes y = z * w * inv + b, inv = 1/sqrt(norm + eps)
 // (norm_is_phi) or norm itself; with `partial`, the block's column sums: part 0 the token sum
-// of z^2, part 1 (only with a mask and all_rows) the all-row sum.
+// of z^2, part 1 (only with a mask and all_rows) the all-row sum. With `arrivals`, the last
+// block runs `finish` on them. (`norm` may be the psi^2 that finish moves: not __restrict__.)
 template <typename T, typename A>
-__global__ void __launch_bounds__(512)
-    forward_rows(const T* __restrict__ x, const A* __restrict__ m, int64_t N, int C,
-                             int G, A eps, const A* __restrict__ w, const A* __restrict__ b,
-                             const A* __restrict__ norm, bool norm_is_phi, T* __restrict__ y,
-                             A* __restrict__ r_out, A* __restrict__ partial, bool all_rows,
-                             int64_t block_rows) {
+__global__ void __launch_bounds__(512, 1)
+    forward_rows(const T* __restrict__ x, const A* __restrict__ m, int64_t N, int C, int G,
+                 A eps, const A* __restrict__ w, const A* __restrict__ b, const A* norm,
+                 bool norm_is_phi, T* __restrict__ y, A* __restrict__ r_out, A* partial,
+                 bool all_rows, int64_t block_rows, ForwardFinish<A> finish,
+                 unsigned int* arrivals) {
   extern __shared__ unsigned char shared_bytes[];
   A* sq = reinterpret_cast<A*>(shared_bytes);  // the row's z^2 (groups only)
   A* rs = sq + C;                               // the row's r per group
@@ -152,47 +237,7 @@ __global__ void __launch_bounds__(512)
         if (parts == 2) partial[(blockIdx.x * parts + 1) * C + c] = all[k];
       }
     }
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ A block_sum(const A* partial, int64_t blocks, int parts, int part,
-                                       int C, int c) {
-  A s = 0;
-  for (int64_t blk = 0; blk < blocks; ++blk) s += partial[(blk * parts + part) * C + c];
-  return s;
-}
-
-// The forward's statistics, in one block: psi_B^2, whether it is finite, inv (of psi_{t-1},
-// or of psi_B with use_batch), inv_b (official), all_sq (official), psi^2 and num_steps moved.
-template <typename A>
-__global__ void finish_forward(const A* __restrict__ partial, int64_t blocks, int parts, int C,
-                               A count, A eps, A* __restrict__ phi, int64_t* __restrict__ num_steps,
-                               bool* __restrict__ ok_out, A* __restrict__ psi_b,
-                               A* __restrict__ all_sq, A* __restrict__ inv,
-                               A* __restrict__ inv_b, int64_t mode, bool warm, bool use_batch,
-                               A mean_rate, A ema_rate) {
-  bool finite = true;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const A token = block_sum(partial, blocks, parts, 0, C, c);
-    const A psi = token / count;
-    psi_b[c] = psi;
-    if (all_sq != nullptr) {
-      all_sq[c] = parts == 2 ? block_sum(partial, blocks, parts, 1, C, c) : token;
-    }
-    finite = finite && finite_(psi);
-  }
-  const bool ok = __syncthreads_and(finite);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const A psi = psi_b[c];
-    A p = phi[c];
-    inv[c] = rsqrt_((use_batch ? psi : p) + eps);
-    if (inv_b != nullptr) inv_b[c] = rsqrt_(psi + eps);
-    if (ok) phi[c] = moved_phi(p, psi, warm, mode, mean_rate, ema_rate);
-  }
-  if (threadIdx.x == 0) {
-    *ok_out = ok;
-    *num_steps += ok ? 1 : 0;
+    if (arrivals != nullptr && last_to_arrive(arrivals)) finish();
   }
 }
 
@@ -207,15 +252,54 @@ struct Coefficients {
   }
 };
 
+// The backward's statistics, by the threads of one block: the parameter gradients; nu moved
+// where finite (paper, official), or PN-V's b = gamma inv^3 (1/N) sum dy z for the second
+// sweep. A kernel of its own (finish_backward), or the end of backward_rows.
+template <typename A>
+struct BackwardFinish {
+  const A* partial;
+  int64_t blocks;
+  int parts, C;
+  const A *w, *inv, *psi_b, *all_sq;
+  A *nu, *grad_w, *grad_b, *b_given;
+  int64_t mode;
+  A count, rows, rate;
+
+  __device__ void operator()() const {
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      const A sum_dz = block_sum(partial, blocks, parts, 0, C, c);
+      if (grad_w != nullptr) grad_w[c] = sum_dz * inv[c];
+      if (grad_b != nullptr) grad_b[c] = block_sum(partial, blocks, parts, 1, C, c);
+      const A gamma = w != nullptr ? w[c] : A(1);
+      if (mode == kVanilla) {
+        b_given[c] = vanilla_b(gamma, inv[c], sum_dz, count);
+      } else if (mode == kPaper) {  // over tokens
+        const A token_dz = parts == 3 ? block_sum(partial, blocks, parts, 2, C, c) : sum_dz;
+        nu[c] = moved_nu(mode, nu[c], gamma, inv[c], psi_b[c], A(0), token_dz, sum_dz, count,
+                         rows, rate);
+      } else {  // official: over every row
+        nu[c] = moved_nu(mode, nu[c], gamma, inv[c], A(0), all_sq[c], sum_dz, sum_dz, count,
+                         rows, rate);
+      }
+    }
+  }
+};
+
+template <typename A>
+__global__ void finish_backward(BackwardFinish<A> finish) {
+  finish();
+}
+
 // The backward's sweep. With `dx`, writes the input gradient (the b term on token rows, or on
 // every row with b_all_rows); with `partial`, the block's column sums: part 0 sum dy z,
-// part 1 sum dy, part 2 (with token_rows and a mask) the token sum of dy z.
+// part 1 sum dy, part 2 (with token_rows and a mask) the token sum of dy z. With `arrivals`,
+// the last block runs `finish` on them.
 template <typename T, typename A>
-__global__ void __launch_bounds__(512)
-    backward_rows(const T* __restrict__ dy, const T* __restrict__ x,
-                              const A* __restrict__ r, const A* __restrict__ m, int64_t N, int C,
-                              int G, Coefficients<A> coef, bool b_all_rows, T* __restrict__ dx,
-                              A* __restrict__ partial, bool token_rows, int64_t block_rows) {
+__global__ void __launch_bounds__(512, 1)
+    backward_rows(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ r,
+                  const A* __restrict__ m, int64_t N, int C, int G, Coefficients<A> coef,
+                  bool b_all_rows, T* __restrict__ dx, A* partial, bool token_rows,
+                  int64_t block_rows, BackwardFinish<A> finish, unsigned int* arrivals) {
   extern __shared__ unsigned char shared_bytes[];
   A* prod = reinterpret_cast<A*>(shared_bytes);  // the row's dz z (groups only)
   A* q = prod + C;                                // the row's mean of dz z per group
@@ -286,33 +370,7 @@ __global__ void __launch_bounds__(512)
         if (parts == 3) partial[(blockIdx.x * parts + 2) * C + c] = tok_dz[k];
       }
     }
-  }
-}
-
-// The backward's statistics, in one block: the parameter gradients; nu moved where finite
-// (paper, official), or PN-V's b = gamma inv^3 (1/N) sum dy z for the second sweep.
-template <typename A>
-__global__ void finish_backward(const A* __restrict__ partial, int64_t blocks, int parts, int C,
-                                const A* __restrict__ w, const A* __restrict__ inv,
-                                const A* __restrict__ psi_b, const A* __restrict__ all_sq,
-                                A* __restrict__ nu, A* __restrict__ grad_w,
-                                A* __restrict__ grad_b, A* __restrict__ b_given, int64_t mode,
-                                A count, A rows, A rate) {
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const A sum_dz = block_sum(partial, blocks, parts, 0, C, c);
-    if (grad_w != nullptr) grad_w[c] = sum_dz * inv[c];
-    if (grad_b != nullptr) grad_b[c] = block_sum(partial, blocks, parts, 1, C, c);
-    const A gamma = w != nullptr ? w[c] : A(1);
-    if (mode == kVanilla) {
-      b_given[c] = vanilla_b(gamma, inv[c], sum_dz, count);
-    } else if (mode == kPaper) {  // over tokens
-      const A token_dz = parts == 3 ? block_sum(partial, blocks, parts, 2, C, c) : sum_dz;
-      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], psi_b[c], A(0), token_dz, sum_dz, count,
-                       rows, rate);
-    } else {  // official: over every row
-      nu[c] = moved_nu(mode, nu[c], gamma, inv[c], A(0), all_sq[c], sum_dz, sum_dz, count,
-                       rows, rate);
-    }
+    if (arrivals != nullptr && last_to_arrive(arrivals)) finish();
   }
 }
 
@@ -325,6 +383,32 @@ bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_
               int64_t count) {
   return count > 0 && x.is_cuda() && x.size(-1) <= kMaxColumns && x.numel() > 0 &&
          buffers_fit(x, running_phi, running_nu);
+}
+
+// Whether each finish runs at the end of its rows kernel (see the top of this file).
+bool merged_finish() {
+  static const bool merged = [] {
+    const char* v = std::getenv("POWERNORM_CUDA_MERGED_FINISH");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return merged;
+}
+
+// The arrival count of the merged finish for the current stream, or null where the finish
+// is a kernel of its own. A count per device and stream (two kernels running at once on
+// different streams must not share one), made zero once, kept for the life of the process:
+// each kernel's last block leaves it at zero again.
+unsigned int* arrivals(const c10::cuda::CUDAStream& stream) {
+  if (!merged_finish()) return nullptr;
+  static std::mutex mutex;
+  static auto* counts = new std::map<std::pair<int, c10::StreamId>, Tensor>();  // never freed:
+  // a tensor freed after CUDA's own teardown at exit would crash there
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& count = (*counts)[{stream.device_index(), stream.id()}];
+  if (!count.defined()) {
+    count = at::zeros({1}, at::TensorOptions().device(stream.device()).dtype(at::kInt));
+  }
+  return reinterpret_cast<unsigned int*>(count.data_ptr<int>());
 }
 
 FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Tensor& b,
@@ -351,16 +435,24 @@ FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Te
     out.inv_b = at::empty({C}, opts);
   }
   Tensor partial = at::empty({blocks.count * parts * C}, opts);
-  const int finish_threads = finish_block(C);
   const auto dtype = x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "powernorm_cuda_forward", [&] {
     using A = at::acc_type<scalar_t, true>;
     const size_t shm = group_shared_bytes(C, groups, sizeof(A));
     const A eps_a = static_cast<A>(eps);
+    const ForwardFinish<A> finish{
+        partial.data_ptr<A>(), blocks.count, parts, static_cast<int>(C), static_cast<A>(count), eps_a,
+        running_phi.data_ptr<A>(), num_steps.data_ptr<int64_t>(), out.ok.data_ptr<bool>(),
+        out.psi_b.data_ptr<A>(), ptr<A>(out.all_sq), out.inv.data_ptr<A>(),
+        ptr<A>(out.inv_b), mode, warm, use_batch,
+        static_cast<A>(warm ? 1.0 / static_cast<double>(step) : 0.0),
+        static_cast<A>(1.0 - alpha_fwd)};
+    unsigned int* arrived = arrivals(stream);
     auto rows = [&](const A* norm, bool norm_is_phi, scalar_t* y, A* r_out, A* part) {
       forward_rows<scalar_t, A><<<blocks.count, threads, shm, stream>>>(
           x.data_ptr<scalar_t>(), ptr<A>(m), N, C, groups, eps_a, ptr<A>(w), ptr<A>(b), norm,
-          norm_is_phi, y, r_out, part, all_rows, blocks.rows);
+          norm_is_phi, y, r_out, part, all_rows, blocks.rows, finish,
+          part != nullptr ? arrived : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (use_batch) {  // sums first, output second
@@ -369,14 +461,10 @@ FusedForward forward(const Tensor& x, const Tensor& m, const Tensor& w, const Te
       rows(running_phi.data_ptr<A>(), true, out.y.data_ptr<scalar_t>(), ptr<A>(out.r),
            partial.data_ptr<A>());
     }
-    finish_forward<A><<<1, finish_threads, 0, stream>>>(
-        partial.data_ptr<A>(), blocks.count, parts, C, static_cast<A>(count), eps_a,
-        running_phi.data_ptr<A>(), num_steps.data_ptr<int64_t>(), out.ok.data_ptr<bool>(),
-        out.psi_b.data_ptr<A>(), ptr<A>(out.all_sq), out.inv.data_ptr<A>(),
-        ptr<A>(out.inv_b), mode, warm, use_batch,
-        static_cast<A>(warm ? 1.0 / static_cast<double>(step) : 0.0),
-        static_cast<A>(1.0 - alpha_fwd));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (arrived == nullptr) {
+      finish_forward<A><<<1, finish_block(C), 0, stream>>>(finish);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (use_batch) rows(out.inv.data_ptr<A>(), false, out.y.data_ptr<scalar_t>(), nullptr, nullptr);
   });
   bump_version(running_phi);
@@ -403,28 +491,32 @@ FusedBackward backward(const Tensor& dy, const Tensor& x, const Tensor& r, const
   if (has_bias) out.grad_b = at::empty({C}, opts);
   Tensor partial = at::empty({blocks.count * parts * C}, opts);
   Tensor b_given = mode == kVanilla ? at::empty({C}, opts) : Tensor();
-  const int finish_threads = finish_block(C);
   const auto dtype = x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "powernorm_cuda_backward", [&] {
     using A = at::acc_type<scalar_t, true>;
     const size_t shm = group_shared_bytes(C, groups, sizeof(A));
     const Coefficients<A> coef{ptr<A>(w), ptr<A>(inv), ptr<A>(inv_b), ptr<A>(running_nu),
                                ptr<A>(b_given), mode};
+    const BackwardFinish<A> finish{
+        partial.data_ptr<A>(), blocks.count, parts, static_cast<int>(C), ptr<A>(w), inv.data_ptr<A>(),
+        ptr<A>(psi_b), ptr<A>(all_sq), running_nu.data_ptr<A>(), ptr<A>(out.grad_w),
+        ptr<A>(out.grad_b), ptr<A>(b_given), mode, static_cast<A>(count),
+        static_cast<A>(rows), static_cast<A>(1.0 - alpha_bkw)};
+    unsigned int* arrived = arrivals(stream);
     auto sweep = [&](scalar_t* dx, A* part) {
       backward_rows<scalar_t, A><<<blocks.count, threads, shm, stream>>>(
           dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ptr<A>(r), ptr<A>(m), N, C, groups,
-          coef, /*b_all_rows=*/mode == kOfficial, dx, part, token_rows, blocks.rows);
+          coef, /*b_all_rows=*/mode == kOfficial, dx, part, token_rows, blocks.rows, finish,
+          part != nullptr ? arrived : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     // PN-V's b needs the sums: sums first, input gradient second
     const bool vanilla = mode == kVanilla;
     sweep(vanilla ? nullptr : out.dx.data_ptr<scalar_t>(), partial.data_ptr<A>());
-    finish_backward<A><<<1, finish_threads, 0, stream>>>(
-        partial.data_ptr<A>(), blocks.count, parts, C, ptr<A>(w), inv.data_ptr<A>(),
-        ptr<A>(psi_b), ptr<A>(all_sq), running_nu.data_ptr<A>(), ptr<A>(out.grad_w),
-        ptr<A>(out.grad_b), ptr<A>(b_given), mode, static_cast<A>(count),
-        static_cast<A>(rows), static_cast<A>(1.0 - alpha_bkw));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (arrived == nullptr) {
+      finish_backward<A><<<1, finish_block(C), 0, stream>>>(finish);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (vanilla) sweep(out.dx.data_ptr<scalar_t>(), nullptr);
   });
   if (mode != kVanilla) bump_version(running_nu);
