@@ -5,6 +5,7 @@ checkpoint loading with fairseq when fairseq is installed. Without fairseq, the
 normalization layers (:mod:`powernorm_plugin.modules`) and the projection math
 (:mod:`powernorm_plugin.nap`) remain usable from any PyTorch code.
 """
+import logging
 import os
 
 __version__ = "0.1.0"
@@ -12,6 +13,13 @@ __version__ = "0.1.0"
 #: The folder to pass to ``fairseq-train --user-dir``.
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 
+# Some of fairseq's modules call logging.basicConfig(level=DEBUG) as they are imported, which
+# would switch on debug logging for the whole process of a user who imports only the layers.
+# With a handler in place basicConfig does nothing, and the root logger is then put back as it
+# was. (fairseq's command-line tools configure logging before they load a --user-dir.)
+_root = logging.getLogger()
+_root_level, _root_handlers = _root.level, list(_root.handlers)
+_root.addHandler(logging.NullHandler())
 try:
     import fairseq  # noqa: F401
 except ImportError:
@@ -21,3 +29,7 @@ else:
     from . import checkpoint, exact_resume, models, optim  # noqa: F401  (registration side effects)
 
     exact_resume.install()
+finally:
+    _root.setLevel(_root_level)
+    _root.handlers[:] = _root_handlers
+    del _root, _root_level, _root_handlers

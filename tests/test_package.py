@@ -56,6 +56,23 @@ print("ok")
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_importing_the_layers_leaves_the_root_logger_as_it_was():
+    # some of fairseq's modules call logging.basicConfig(level=DEBUG) when imported
+    code = """
+import logging
+import powernorm_plugin
+from powernorm_plugin.modules import PowerNorm
+from fairseq.models import ARCH_MODEL_REGISTRY
+root = logging.getLogger()
+assert powernorm_plugin.HAVE_FAIRSEQ and "powernorm_transformer_lm" in ARCH_MODEL_REGISTRY
+assert (root.level, root.handlers) == (logging.WARNING, []), (root.level, root.handlers)
+print("ok")
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok" and out.stderr == "", out.stderr[-3000:]
+
+
 def test_installed_package_carries_every_source_the_native_library_builds_from():
     # a non-editable install builds the native library from the installed csrc/ folder
     import ast
