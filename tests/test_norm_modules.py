@@ -61,6 +61,58 @@ def test_masked_batch_norm_matches_token_statistics(bn_batch, backend, monkeypat
     torch.testing.assert_close(bn(x), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_batch_norm_under_autocast_keeps_fp32_statistics(dtype):
+    # under torch.autocast a matrix product runs in fp16/bf16: the statistics' sums of many
+    # tokens must not (fp16 overflows past 65504, and bf16 keeps 8 bits)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 64, C, generator=gen) + 30.0
+    pad = torch.zeros(64, 64, dtype=torch.bool)
+    pad[::2, 40:] = True
+    plain, cast = MaskedBatchNorm(C), MaskedBatchNorm(C)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = plain(xa, pad)
+    y.sum().backward()
+    with torch.autocast("cpu", dtype=dtype):
+        y_cast = cast(xb, pad)
+    y_cast.sum().backward()
+    torch.testing.assert_close(y_cast, y)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for name, buffer in plain.state_dict().items():
+        torch.testing.assert_close(cast.state_dict()[name], buffer)
+
+
+def test_masked_batch_norm_padding_only_call_then_another_before_backward(batch):
+    # the padding-only call normalizes by the running statistics: what it saves for its
+    # backward must not change when the next call moves them
+    x, pad = batch
+    bn, ref = MaskedBatchNorm(C).double(), MaskedBatchNorm(C).double()
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1 = bn(x1, torch.ones_like(pad))
+    y2 = bn(x2, pad)
+    (y1.sum() + y2.sum()).backward()
+    r1 = x.clone().requires_grad_(True)
+    ref(r1, torch.ones_like(pad)).sum().backward()
+    torch.testing.assert_close(x1.grad, r1.grad)
+
+
+@pytest.mark.parametrize("make", [lambda: PowerNorm(C), lambda: MaskedBatchNorm(C)])
+def test_padding_mask_made_in_inference_mode_and_masks_changed_in_place(make, batch):
+    # an inference tensor has no version counter, so its token count is not cached; a mask
+    # whose memory is replaced (.data) is counted again
+    x, pad = batch
+    with torch.inference_mode():
+        frozen = pad.clone()
+    a, b = make().double(), make().double()
+    torch.testing.assert_close(a(x, frozen), b(x, pad.clone()))
+    mask = torch.zeros_like(pad)
+    torch.testing.assert_close(a(x, mask), b(x, torch.zeros_like(pad)))
+    mask.data = pad.clone()
+    torch.testing.assert_close(a(x, mask), b(x, pad.clone()))
+    for name, buffer in b.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[name], buffer)
+
+
 def test_masked_batch_norm_gradcheck(bn_batch):
     x, pad = bn_batch
     bn = MaskedBatchNorm(C).double()
@@ -271,8 +323,87 @@ def test_unknown_mode_kind_and_options():
     with pytest.raises(ValueError, match="alpha_fwd"):
         PowerNorm(C, alpha_fwd=1.0)
     for make in (PowerNorm, MaskedBatchNorm):
-        for eps in (0, float("nan")):
-            with pytest.raises(ValueError, match=f"{make.__name__} eps must be positive, got"):
+        for eps in (0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{make.__name__} eps must be a positive finite"):
                 make(C, eps=eps)
-    with pytest.raises(ValueError, match=r"momentum must lie in \(0, 1\], got 0"):
+    with pytest.raises(ValueError, match=r"momentum must be a number in \(0, 1\], got 0"):
         MaskedBatchNorm(C, momentum=0)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("alpha_fwd", 1.5, r"PowerNorm alpha_fwd must be a number in \[0, 1\), got 1.5"),
+    ("alpha_bkw", "0.9", "PowerNorm alpha_bkw must be a number in"),
+    ("eps", 0, "PowerNorm eps must be a positive finite number, got 0"),
+    ("warmup_updates", 2.7, "PowerNorm warmup_updates must be an integer >= 0, got 2.7"),
+    ("warmup_updates", None, "PowerNorm warmup_updates must be an integer >= 0, got None"),
+    ("mode", "fast", "PowerNorm mode must be one of paper, official, vanilla; got 'fast'"),
+    ("group_num", 3, "group_num=3 must divide num_features=8"),
+    ("group_num", 2.0, r"group_num \(None: no scaling\) must be an integer >= 1, got 2.0"),
+])
+def test_settings_are_checked_when_given_and_when_assigned_later(name, value, message, batch):
+    # a trained layer's settings may change between calls: a bad value must be refused there
+    # too, before any backend (the Python ones check nothing themselves) trains with it
+    with pytest.raises(ValueError, match=message):
+        PowerNorm(C, **{name: value})
+    for backend in ("native", "eager"):
+        norm = PowerNorm(C, backend=backend)
+        norm(batch[0].float(), batch[1])
+        with pytest.raises(ValueError, match=message):
+            setattr(norm, name, value)
+        assert getattr(norm, name) == getattr(PowerNorm(C), name)
+
+
+def test_mode_and_causal_checked_together_at_the_next_call(batch):
+    norm = PowerNorm(C, causal=True)
+    norm.mode = "vanilla"  # (the two may change one after the other)
+    with pytest.raises(ValueError, match="mode='vanilla' .* cannot be causal"):
+        norm(batch[0].float(), batch[1])
+
+
+def test_numpy_integers_are_accepted_and_bools_refused():
+    np = pytest.importorskip("numpy")
+    norm = PowerNorm(np.int64(C), group_num=np.int64(2), warmup_updates=np.int32(3))
+    assert (norm.num_features, norm.group_num, norm.warmup_updates) == (C, 2, 3)
+    assert type(norm.num_features) is int and norm.running_phi.shape == (C,)
+    for make in (PowerNorm, MaskedBatchNorm):
+        with pytest.raises(ValueError, match=f"{make.__name__} num_features must be an integer"):
+            make(True)
+
+
+def test_masked_batch_norm_settings_are_checked_when_assigned():
+    bn = MaskedBatchNorm(C)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \(0, 1\], got None"):
+        bn.momentum = None  # (torch's cumulative average: not implemented)
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got -1"):
+        bn.eps = -1
+    assert (bn.momentum, bn.eps) == (0.1, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_forward_mode_ad_and_torch_func_raise_in_training_and_work_in_eval(backend, batch):
+    # the native step has no forward derivative: a tangent must not be silently dropped
+    norm = PowerNorm(C, backend=backend).double()
+    x, tangent = batch[0], torch.randn_like(batch[0])
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="jvp"):
+            norm(torch.autograd.forward_ad.make_dual(x, tangent))
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda t: norm(t).sum())(x)
+    norm.eval()
+    out, jvp = torch.func.jvp(norm, (x,), (tangent,))
+    scale, _ = norm.affine_parameters()
+    torch.testing.assert_close(jvp, tangent * scale)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("backend", ["native", "eager"])
+def test_power_norm_refuses_recomputation_by_activation_checkpointing(reentrant, backend, batch):
+    # the recomputed forward would move the statistics again and normalize by the moved psi
+    norm = PowerNorm(C, backend=backend)
+    norm.name = "encoder.layers.1.final_layer_norm"
+    x = batch[0].float().requires_grad_(True)
+    y = torch.utils.checkpoint.checkpoint(norm, x, batch[1], use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="encoder.layers.1.final_layer_norm: a training call "
+                                           "during a backward pass"):
+        y.sum().backward()
+    assert int(norm.num_steps) == 1

@@ -1,4 +1,8 @@
 """Input checks, padding-mask handling and dtype rules shared by the normalization layers."""
+import contextlib
+import math
+import numbers
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -12,6 +16,37 @@ from .host_mirrors import dead_ref
 def compute_dtype(x):
     """Statistics are accumulated in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device_type):
+    """A context in which torch.autocast is off for ``device_type`` (a no-op where it is off
+    already): under it a matrix product would sum the statistics in fp16 or bf16."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def checked_int(value, name, minimum):
+    """``value`` as an int (a Python or NumPy integer, not a bool) of at least ``minimum``;
+    otherwise a ValueError naming ``name``."""
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number is not None and number >= minimum:
+            return number
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def checked_float(value, name, accepts, expected):
+    """``value`` as a float where it is a finite real number (not a bool) that ``accepts``;
+    otherwise a ValueError naming ``name`` and what was ``expected``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and accepts(number):
+            return number
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def check_input(x, num_features, layer):
@@ -50,14 +85,18 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
 
     Every norm of a fairseq encoder or decoder gets the same mask tensor in one forward call,
     and counting its tokens waits for the device on a GPU; the last mask's TokenMask is
-    therefore kept and reused while the tensor is unchanged (same object, same version).
+    therefore kept and reused while the tensor is unchanged: the same object, version (which
+    every in-place change through torch bumps) and memory. A change torch does not see (a
+    write through a NumPy array sharing the memory) goes unnoticed: pass a new tensor then.
     """
     rows = T * B
     if padding_mask is None:
         return TokenMask(None, rows, rows)
     source, cached_key, cached = _last_mask[0]
-    if source() is padding_mask and cached_key == (padding_mask._version, T, B, device, dtype):
-        return cached  # checked when it was cached, for the same (T, B)
+    if source() is padding_mask:
+        key = _mask_key(padding_mask, T, B, device, dtype)
+        if key is not None and key == cached_key:
+            return cached  # checked when it was cached, for the same (T, B)
     if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
         got = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
         raise TypeError(f"{layer}: padding_mask must be a bool tensor (True = padding), got {got}")
@@ -66,7 +105,7 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
             f"{layer}: padding_mask must have shape (B, T) = ({B}, {T}) for an input of shape "
             f"(T, B, C) = ({T}, {B}, C), got {tuple(padding_mask.shape)}"
         )
-    key = (padding_mask._version, T, B, device, dtype)
+    key = _mask_key(padding_mask, T, B, device, dtype)
     source = weakref.ref(padding_mask)
     if padding_mask.device != device:
         padding_mask = padding_mask.to(device)
@@ -76,12 +115,20 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
     else:
         weights = torch.logical_not(padding_mask.t()).reshape(rows).to(dtype)
         mask = TokenMask(weights, count, rows)
-    _last_mask[0] = (source, key, mask)
+    if key is not None:
+        _last_mask[0] = (source, key, mask)
     return mask
 
 
-#: (weak reference to the last padding mask seen, (its version, T, B, device, dtype), its
-#: TokenMask)
+def _mask_key(padding_mask, T, B, device, dtype):
+    """What the cached TokenMask of this mask tensor was made from; None for a mask that is
+    not cached (an inference-mode tensor, which has no version)."""
+    if padding_mask.is_inference():
+        return None
+    return padding_mask._version, padding_mask.data_ptr(), T, B, device, dtype
+
+
+#: (weak reference to the last padding mask cached, _mask_key of it, its TokenMask)
 _last_mask = [(dead_ref, None, None)]
 
 

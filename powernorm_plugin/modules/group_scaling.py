@@ -12,6 +12,7 @@ It has no parameters and no batch statistics, so padding plays no part. Backward
 import torch
 from torch import nn
 
+from ._util import checked_int
 from .kernels import EAGER, kernels_for
 
 
@@ -47,8 +48,7 @@ def check_groups(num_features, group_num):
     """Validate ``group_num`` for ``num_features`` channels; returns it (None = no scaling)."""
     if group_num is None:
         return None
-    if isinstance(group_num, bool) or not isinstance(group_num, int) or group_num < 1:
-        raise ValueError(f"group_num must be a positive int or None, got {group_num!r}")
+    group_num = checked_int(group_num, "group_num (None: no scaling)", 1)
     if num_features % group_num != 0:
         raise ValueError(
             f"group_num={group_num} must divide num_features={num_features} "

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._util import (
-    FP32BuffersMixin, check_input, compute_dtype, distributed_world, register_affine, token_mask,
+    FP32BuffersMixin, autocast_off, check_input, checked_float, checked_int, compute_dtype, distributed_world,
+    register_affine, token_mask,
 )
 from .host_mirrors import DeferredFiniteCheck, defers_checks
 from .kernels import kernels_for
@@ -54,6 +55,11 @@ def token_statistics(xc, weights, count, group, passes=None):
     ``passes``: the kernels' passes (kernels.py), which sum the squares in one read (no
     gradient); None: differentiable torch operators.
     """
+    with autocast_off(xc.device.type):  # (fp16 sums of many tokens would overflow)
+        return _token_statistics(xc, weights, count, group, passes)
+
+
+def _token_statistics(xc, weights, count, group, passes):
     C = xc.size(1)
     total = weights @ xc if weights is not None else xc.sum(0)
     if group is not None:
@@ -165,23 +171,26 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, sync=False,
                  process_group=None):
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"MaskedBatchNorm momentum must lie in (0, 1], got {momentum!r}")
-        if not eps > 0:  # eps = 0 turns a constant feature into 0 / 0 = NaN
-            raise ValueError(f"MaskedBatchNorm eps must be positive, got {eps!r}")
-        self.num_features = num_features
-        self.eps = eps
+        self.num_features = checked_int(num_features, "MaskedBatchNorm num_features", 1)
+        self.eps = eps  # (checked as they are assigned: __setattr__)
         self.momentum = momentum
         self.sync = sync
         self.process_group = process_group
         self.name = "MaskedBatchNorm"
-        register_affine(self, num_features, affine)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        register_affine(self, self.num_features, affine)
+        self.register_buffer("running_mean", torch.zeros(self.num_features))
+        self.register_buffer("running_var", torch.ones(self.num_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
         self._checks = DeferredFiniteCheck()
+
+    def __setattr__(self, name, value):
+        if name == "eps":  # eps = 0 turns a constant feature into 0 / 0 = NaN
+            value = checked_float(value, "MaskedBatchNorm eps", lambda v: v > 0,
+                                  "a positive finite number")
+        elif name == "momentum":  # (None, torch's cumulative average, is not implemented)
+            value = checked_float(value, "MaskedBatchNorm momentum", lambda v: 0 < v <= 1,
+                                  "a number in (0, 1]")
+        super().__setattr__(name, value)
 
     def forward(self, x, padding_mask=None):
         check_input(x, self.num_features, self.name)
@@ -208,7 +217,9 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
                 self._store_running(self._moved(self.running_mean, mean),
                                     self._moved(self.running_var, unbiased), deferred)
             else:  # padding only: use (and keep) the running statistics
-                mean, var = self.running_mean.to(cd), self.running_var.to(cd)
+                # (copies: saved for the backward, they must not change with the buffers)
+                mean = self.running_mean.to(cd, copy=True)
+                var = self.running_var.to(cd, copy=True)
         y = MaskedBatchNormFunction.apply(xc, self.weight, self.bias, mean, var, centered,
                                           mask.weights, (mask.count, count), group, self.eps,
                                           passes)

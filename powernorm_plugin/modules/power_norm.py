@@ -32,12 +32,15 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from ._util import (
     FP32BuffersMixin,
     all_reduce_sum,
     check_input,
+    checked_float,
+    checked_int,
     compute_dtype,
     distributed_world,
     register_affine,
@@ -84,6 +87,36 @@ class _ConfigSlot:
     def __reduce__(self):
         return type(self), ()
 
+
+def check_causal(mode, causal):
+    if causal and mode == "vanilla":
+        raise ValueError(
+            "PowerNorm mode='vanilla' normalizes by the current batch's statistic, so a "
+            "position would see later tokens; it cannot be causal (use mode='paper')"
+        )
+
+
+def _checked_mode(layer, mode):
+    if mode not in MODES:
+        raise ValueError(f"PowerNorm mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def _checked_rate(name):
+    return lambda layer, value: checked_float(value, f"PowerNorm {name}", lambda v: 0 <= v < 1,
+                                              "a number in [0, 1)")
+
+
+#: PowerNorm's settings that are checked (and normalized) whenever they are assigned.
+_CHECKED = {
+    "mode": _checked_mode,
+    "eps": lambda layer, value: checked_float(value, "PowerNorm eps", lambda v: v > 0,
+                                              "a positive finite number"),
+    "alpha_fwd": _checked_rate("alpha_fwd"),
+    "alpha_bkw": _checked_rate("alpha_bkw"),
+    "warmup_updates": lambda layer, value: checked_int(value, "PowerNorm warmup_updates", 0),
+    "group_num": lambda layer, value: check_groups(layer.num_features, value),
+}
 
 #: PowerNorm's attributes that a PowerNormConfig is built from.
 _SETTINGS = frozenset(("mode", "eps", "alpha_fwd", "alpha_bkw", "warmup_updates", "group_num",
@@ -296,6 +329,13 @@ def _compiled_math(fn, cfg):
     return _compiled[key]
 
 
+def _transformed(x):
+    """Whether ``x`` is under forward-mode AD or a torch.func transform, which the native C++
+    step (no forward derivative, no batching rule) cannot serve: the Python step then raises
+    torch's own error instead of a tangent silently left out."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def _compiling():
     """Whether torch.compile is tracing this call (False on a torch without torch.compiler)."""
     compiler = getattr(torch, "compiler", None)
@@ -396,38 +436,24 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
                  group_num=None, mode="paper", affine=True, sync=False, process_group=None,
                  causal=False, backend="auto"):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"PowerNorm mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        for key, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"PowerNorm {key} must lie in [0, 1), got {value!r}")
-        if not eps > 0:  # (NaN too)
-            raise ValueError(f"PowerNorm eps must be positive, got {eps!r}")
-        if warmup_updates < 0:
-            raise ValueError(f"PowerNorm warmup_updates must be >= 0, got {warmup_updates!r}")
-        if causal and mode == "vanilla":
-            raise ValueError(
-                "PowerNorm mode='vanilla' normalizes by the current batch's statistic, so a "
-                "position would see later tokens; it cannot be causal (use mode='paper')"
-            )
-        self.num_features = num_features
+        self.num_features = checked_int(num_features, "PowerNorm num_features", 1)
+        # (each setting is checked as it is assigned: __setattr__)
         self.eps = eps
         self.alpha_fwd = alpha_fwd
         self.alpha_bkw = alpha_bkw
-        self.warmup_updates = int(warmup_updates)
-        self.group_num = check_groups(num_features, group_num)
+        self.warmup_updates = warmup_updates
+        self.group_num = group_num
         self.mode = mode
         self.sync = sync
         self.process_group = process_group
         self.causal = causal
+        check_causal(mode, causal)
         self.backend = backend
         resolve_backend(backend)
         self.name = "PowerNorm"  # architectures set the module path for error messages
-        register_affine(self, num_features, affine)
-        self.register_buffer("running_phi", torch.ones(num_features))
-        self.register_buffer("running_nu", torch.zeros(num_features))
+        register_affine(self, self.num_features, affine)
+        self.register_buffer("running_phi", torch.ones(self.num_features))
+        self.register_buffer("running_nu", torch.zeros(self.num_features))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self._steps = StepCounter()
         self._checks = DeferredFiniteCheck()
@@ -442,19 +468,32 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
             if self.group_num is not None:
                 z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, EAGER)
             return self.eval_affine(z).view(T, B, C)
+        compiling = _compiling()
+        if not compiling and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(self._recomputed())
         mask = token_mask(padding_mask, T, B, x.device, compute_dtype(x), self.name)
         cfg = self._config.cfg or self._configure()
         tensors = self._tensors()
         group = distributed_world(cfg.sync, cfg.process_group)
-        if cfg.train_step is not None and group is None:
-            step = _native_step_under_compile() if _compiling() else _native_step
+        if cfg.train_step is not None and group is None and (compiling or not _transformed(x)):
+            step = _native_step_under_compile() if compiling else _native_step
             y = step(x.contiguous(), *tensors, mask, cfg)
             if y is not None:
                 return y
         y = PowerNormFunction.apply(x.reshape(T * B, C).contiguous(), *tensors, mask, cfg, group)
         return y.view(T, B, C)
 
+    def _recomputed(self):
+        return (
+            f"{self.name}: a training call during a backward pass, as activation checkpointing "
+            "makes when it recomputes a forward. It would move the running statistics a second "
+            "time and (paper and official modes) normalize by the moved psi, giving wrong "
+            "gradients: keep PowerNorm outside the checkpointed functions"
+        )
+
     def __setattr__(self, name, value):
+        if name in _CHECKED:
+            value = _CHECKED[name](self, value)
         super().__setattr__(name, value)
         if name in _SETTINGS and "_config" in self.__dict__:
             self._config.cfg = None
@@ -463,6 +502,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         """The PowerNormConfig of this layer's training calls, built at its first call and
         after any change of a setting; the backend (``auto``: ``$POWERNORM_BACKEND``) is
         chosen then."""
+        check_causal(self.mode, self.causal)  # (two settings, which may change one by one)
         kernels = kernels_for(self.backend)
         step = kernels.train_step
         settings = None if step is None else kernels.step_settings(
