@@ -34,14 +34,28 @@ from .host_mirrors import DeferredFiniteCheck, defers_checks
 from .kernels import kernels_for
 
 
-def _global_sum(t, group):
-    """``t`` summed over ``group`` (None: ``t``), differentiably: the backward's recomputed
-    graph under create_graph=True differentiates through it."""
-    if group is None:
-        return t
-    from torch.distributed.nn.functional import all_reduce
+class GlobalSum(torch.autograd.Function):
+    """y = the sum of ``t`` over the ranks of ``group``, on every rank, differentiably (twice
+    too: the backward's recomputed graph under create_graph=True goes through it).
 
-    return all_reduce(t, group=group)
+    Each rank's loss depends on y, so dL/dt is the same sum of every rank's dL/dy.
+    """
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return GlobalSum.apply(grad, ctx.group), None
+
+
+def _global_sum(t, group):
+    """``t`` summed over ``group`` (None: ``t``), differentiably."""
+    return t if group is None else GlobalSum.apply(t, group)
 
 
 def token_statistics(xc, weights, count, group, passes=None):
