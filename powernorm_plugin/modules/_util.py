@@ -123,9 +123,10 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
 def _mask_key(padding_mask, T, B, device, dtype):
     """What the cached TokenMask of this mask tensor was made from; None for a mask that is
     not cached (an inference-mode tensor, which has no version)."""
-    if padding_mask.is_inference():
+    try:
+        return padding_mask._version, padding_mask.data_ptr(), T, B, device, dtype
+    except RuntimeError:  # "Inference tensors do not track version counter"
         return None
-    return padding_mask._version, padding_mask.data_ptr(), T, B, device, dtype
 
 
 #: (weak reference to the last padding mask cached, _mask_key of it, its TokenMask)

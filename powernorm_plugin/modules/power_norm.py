@@ -329,11 +329,11 @@ def _compiled_math(fn, cfg):
     return _compiled[key]
 
 
-def _transformed(x):
-    """Whether ``x`` is under forward-mode AD or a torch.func transform, which the native C++
-    step (no forward derivative, no batching rule) cannot serve: the Python step then raises
+def _transformed():
+    """Whether forward-mode AD or a torch.func transform is active, which the native C++ step
+    (no forward derivative, no batching rule) cannot serve: the Python step then raises
     torch's own error instead of a tangent silently left out."""
-    return forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def _compiling():
@@ -475,7 +475,7 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         cfg = self._config.cfg or self._configure()
         tensors = self._tensors()
         group = distributed_world(cfg.sync, cfg.process_group)
-        if cfg.train_step is not None and group is None and (compiling or not _transformed(x)):
+        if cfg.train_step is not None and group is None and (compiling or not _transformed()):
             step = _native_step_under_compile() if compiling else _native_step
             y = step(x.contiguous(), *tensors, mask, cfg)
             if y is not None:
