@@ -26,8 +26,11 @@ except ImportError:
     HAVE_FAIRSEQ = False
 else:
     HAVE_FAIRSEQ = True
-    from . import checkpoint, exact_resume, models, optim  # noqa: F401  (registration side effects)
+    from . import checkpoint, models, optim  # noqa: F401  (registration side effects)
+    from . import dummy_batches, ema_counters, exact_resume
 
+    dummy_batches.install()
+    ema_counters.install()
     exact_resume.install()
 finally:
     _root.setLevel(_root_level)

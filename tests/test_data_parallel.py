@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from conftest import RELIABILITY_TRANSLATION_FLAGS, train_argv
+from conftest import RELIABILITY_TRANSLATION_FLAGS, assert_same_state, train_argv
 
 MAX_UPDATE = 20
 STAT_SUFFIXES = ("running_phi", "running_nu", "num_steps")
@@ -23,7 +23,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train_two_ranks(fairseq_fork, data, out, *extra):
+def _train_two_ranks(fairseq_fork, data, out, *extra, max_update=MAX_UPDATE):
+    out.mkdir(exist_ok=True)
     port = _free_port()
     jobs = []
     for rank in (0, 1):
@@ -33,7 +34,7 @@ def _train_two_ranks(fairseq_fork, data, out, *extra):
             "--distributed-backend", "gloo", "--distributed-world-size", "2",
             "--distributed-rank", str(rank), "--distributed-init-method", f"tcp://127.0.0.1:{port}",
             "--distributed-no-spawn", "--device-id", "0", "--ddp-backend", "legacy_ddp",
-            max_update=MAX_UPDATE, optimizer="nap_adam",
+            max_update=max_update, optimizer="nap_adam",
         )
         jobs.append(dict(tool="train", argv=argv, log=out / f"rank{rank}.log",
                          hooks=[f"dump_state:{out}/state{{rank}}.pt"]))
@@ -83,3 +84,20 @@ def test_two_gloo_ranks_train_powernorm_with_nap(fairseq_fork, reverse_task, tmp
     ckpt = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ckpt" / "checkpoint_last.pt"))
     for k, v in stats_a.items():
         assert torch.equal(ckpt["model"][k], v), k
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_resume_exactly_as_an_uninterrupted_run(fairseq_fork, reverse_task, tmp_path):
+    # Resuming, rank 0 loads the checkpoint and broadcasts it to rank 1 (a pickle that torch's
+    # weights-only loader refused: omegaconf's DictConfig). --max-tokens 900 makes 11 batches
+    # an epoch, so rank 1 ends each epoch on a dummy batch; the run stops and resumes at the
+    # end of epoch 2 (6 updates an epoch); --store-ema averages a model with step counters.
+    data, flags = reverse_task["data"], ("--powernorm-sync", "--store-ema", "--max-tokens", "900")
+    logs, whole = _train_two_ranks(fairseq_fork, data, tmp_path / "whole", *flags)
+    assert sum("begin training epoch" in line for line in logs[0].splitlines()) >= 2
+    _train_two_ranks(fairseq_fork, data, tmp_path / "split", *flags, max_update=12)
+    logs, split = _train_two_ranks(fairseq_fork, data, tmp_path / "split", *flags)
+    assert "Loaded checkpoint" in logs[0] and "done training" in logs[0], logs[0][-3000:]
+    for rank in (0, 1):
+        assert split[rank]["num_updates"] == MAX_UPDATE
+        assert_same_state(split[rank]["model"], whole[rank]["model"], f"rank {rank}'s model")

@@ -21,7 +21,11 @@ torch's default weights-only unpickler. None of the allowlisted globals runs cod
 called by the unpickler: a ``Namespace`` only stores attributes, ``_reconstruct`` only
 allocates an array of an allowlisted type, and a dtype only parses a type code.
 
-:func:`install` also makes fairseq's checkpoint readers
+:func:`install` also lets fairseq's broadcast of a loaded checkpoint between the ranks of a
+data-parallel job (``distributed.utils._broadcast_object_slow``, which torch's default
+weights-only loader unpickles on the receiving ranks) through with the omegaconf config types
+it holds (:func:`broadcast_safe_globals`), for that call only. And it makes fairseq's
+checkpoint readers
 (``checkpoint_utils.load_checkpoint_to_cpu``, used by generate, eval-lm, interactive,
 the hub interface and the trainer's restore, and ``load_ema_from_checkpoint``) check every
 file before unpickling it. A file holding any other global is refused with
@@ -235,6 +239,40 @@ def _guard(loader: Callable, describe: str) -> Callable:
 _GUARDED_READERS = ("load_checkpoint_to_cpu", "load_ema_from_checkpoint")
 
 
+def broadcast_safe_globals() -> List[Callable]:
+    """The globals, beyond a checkpoint file's, of what fairseq broadcasts between the ranks of
+    one job (``distributed.utils.broadcast_object``, which unpickles with torch's default
+    weights-only loader): on a data-parallel resume, the state rank 0 loaded, its config an
+    omegaconf ``DictConfig`` by then, with its tensors sent apart and replaced by
+    placeholders. Types only, whose unpickling stores data and runs no code of the pickle's
+    choosing."""
+    import collections
+    import typing
+
+    from fairseq.distributed.utils import _TensorPlaceholder
+    from omegaconf import DictConfig, ListConfig, nodes
+    from omegaconf.base import ContainerMetadata, Metadata
+
+    return [
+        DictConfig, ListConfig, ContainerMetadata, Metadata, nodes.AnyNode, nodes.StringNode,
+        nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, _TensorPlaceholder,
+        collections.defaultdict, typing.Any, dict, list, tuple, set, str, int, float, bool,
+    ]
+
+
+def _with_broadcast_globals(broadcast: Callable) -> Callable:
+    """Wrap fairseq's ``_broadcast_object_slow`` so that a rank unpickles what another rank
+    of the job sent with :func:`broadcast_safe_globals` allowed (for the call only)."""
+
+    @functools.wraps(broadcast)
+    def wrapped(*args, **kwargs):
+        with torch.serialization.safe_globals(broadcast_safe_globals()):
+            return broadcast(*args, **kwargs)
+
+    wrapped._powernorm_safe_load = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def install() -> None:
     """Allowlist fairseq's checkpoint types and guard fairseq's checkpoint readers.
 
@@ -254,6 +292,11 @@ def install() -> None:
             name,
             _guard(reader, f"fairseq.checkpoint_utils.{name}, loading weights-only."),
         )
+    from fairseq.distributed import utils as distributed_utils
+
+    broadcast = getattr(distributed_utils, "_broadcast_object_slow", None)
+    if broadcast is not None and not getattr(broadcast, "_powernorm_safe_load", False):
+        distributed_utils._broadcast_object_slow = _with_broadcast_globals(broadcast)
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in (
         "1",
         "y",

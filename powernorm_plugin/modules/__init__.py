@@ -3,6 +3,7 @@
 All layers take ``(x, padding_mask=None)`` with x of shape (T, B, C) and padding_mask of shape
 (B, T), bool, True = padding (fairseq's conventions).
 """
+from ._util import ignored_batch
 from .fold import IdentityNorm, fold_norm_into_linear, norm_residual
 from .group_scaling import GroupScaling, group_rms_scale
 from .masked_batch_norm import MaskedBatchNorm
@@ -13,5 +14,5 @@ from .power_norm import PowerNorm, PowerNormFunction
 __all__ = [
     "PowerNorm", "PowerNormFunction", "POWERNORM_MODES", "MaskedBatchNorm", "GroupScaling",
     "group_rms_scale", "LayerNorm", "RMSNorm", "build_norm", "NORM_KINDS", "norm_uses_padding",
-    "fold_norm_into_linear", "norm_residual", "IdentityNorm",
+    "fold_norm_into_linear", "norm_residual", "IdentityNorm", "ignored_batch",
 ]

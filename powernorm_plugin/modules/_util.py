@@ -80,6 +80,27 @@ class TokenMask:
     rows: int
 
 
+#: Whether the batch under way is ignored (inside :func:`ignored_batch`).
+_ignored = [False]
+
+
+@contextlib.contextmanager
+def ignored_batch():
+    """Within it, PowerNorm and MaskedBatchNorm take every row of a training call as padding.
+
+    For a batch whose loss is thrown away, as fairseq's dummy batches are (a data-parallel
+    rank that has run out of batches trains on a copy of an earlier one, its loss times 0, so
+    that it joins its peers' gradient all-reduce): such a batch must not move the running
+    statistics. Synchronized layers still take part in their all-reduces, with no tokens.
+    """
+    before = _ignored[0]
+    _ignored[0] = True
+    try:
+        yield
+    finally:
+        _ignored[0] = before
+
+
 def token_mask(padding_mask, T, B, device, dtype, layer):
     """Turn fairseq's (B, T) bool padding mask into a :class:`TokenMask` over (T*B) rows.
 
@@ -90,6 +111,8 @@ def token_mask(padding_mask, T, B, device, dtype, layer):
     write through a NumPy array sharing the memory) goes unnoticed: pass a new tensor then.
     """
     rows = T * B
+    if _ignored[0]:
+        return TokenMask(torch.zeros(rows, device=device, dtype=dtype), 0, rows)
     if padding_mask is None:
         return TokenMask(None, rows, rows)
     source, cached_key, cached = _last_mask[0]
