@@ -146,6 +146,25 @@ def test_cli_rejects_missing_output_folder(tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
 
 
+def test_cli_never_overwrites_an_input_and_names_unreadable_files(tmp_path, capsys):
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "checkpoint1.pt")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "checkpoint1.pt")
+    before = (tmp_path / "checkpoint1.pt").read_bytes()
+    with pytest.raises(SystemExit):
+        cli.main(["--inputs", str(tmp_path / "checkpoint1.pt"),
+                  "--output", str(tmp_path / "link.pt")])
+    assert "is the input" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint1.pt").read_bytes() == before
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "cut.pt").write_bytes(before[: len(before) // 2])
+    for name in ("text.pt", "cut.pt"):
+        assert cli.main(["--inputs", str(tmp_path / name),
+                         "--output", str(tmp_path / "avg.pt")]) == 1
+        # (text may also read as a pickle opcode that weights-only loading refuses)
+        assert re.search(f"(cannot read|refusing to load) .*{name}", capsys.readouterr().err)
+    assert not (tmp_path / "avg.pt").exists()
+
+
 def run_python_module(module, *args, check=True):
     env = {key: value for key, value in os.environ.items()
            if key != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}

@@ -1,5 +1,7 @@
 """``python -m powernorm_plugin.cli.fold_norms`` on checkpoints trained by fairseq-train."""
 import os
+import re
+import stat
 import subprocess
 import sys
 
@@ -97,6 +99,35 @@ def test_fold_refuses_what_it_cannot_fold(trained_models, folded_power, tmp_path
     assert "nothing to fold" in capsys.readouterr().err
     assert main(["--input", folded_power[1], "--output", str(tmp_path / "y.pt")]) == 1
     assert "already folded" in capsys.readouterr().err
-    assert main(["--input", folded_power[0], "--output", folded_power[0]]) == 2
-    assert "--output must differ" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.pt") and not os.path.exists(tmp_path / "y.pt")
+
+
+def test_fold_never_overwrites_its_input_and_names_unreadable_files(folded_power, tmp_path,
+                                                                     capsys):
+    from powernorm_plugin.cli.fold_norms import main
+
+    src = folded_power[0]
+    before = open(src, "rb").read()
+    link = tmp_path / "model.pt"
+    link.symlink_to(src)
+    for output in (src, str(link)):  # the input itself, or under another name
+        with pytest.raises(SystemExit) as exit_:
+            main(["--input", str(link) if output == src else src, "--output", output])
+        assert exit_.value.code == 2
+        assert "is the input" in capsys.readouterr().err
+    assert open(src, "rb").read() == before
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "cut.pt").write_bytes(before[: len(before) // 2])
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name, message in (("text.pt", "(cannot read|refusing to load) .*"),
+                          ("cut.pt", "cannot read .* as a torch checkpoint"),
+                          ("tensor.pt", "not a fairseq checkpoint")):
+        assert main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out.pt")]) == 1
+        assert re.search(f"--input .*{name}: {message}", capsys.readouterr().err), name
+    assert not os.path.exists(tmp_path / "out.pt")
+
+
+def test_folded_checkpoint_is_written_with_the_usual_permissions(folded_power):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(folded_power[1]).st_mode) == 0o666 & ~umask

@@ -17,7 +17,9 @@ need iopath (remote storage) keep fairseq's behaviour.
 """
 import os
 import shutil
+import tempfile
 
+import torch
 from fairseq.file_io import PathManager
 
 _ORIGINAL = {}
@@ -43,6 +45,32 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(dst_path)))
     return True
+
+
+def save_atomically(state, output: str) -> None:
+    """``torch.save(state)`` to a temporary file in ``output``'s folder, flushed to disk, then
+    renamed onto ``output``: ``output`` is never seen half-written (the plugin's tools write
+    their checkpoints so)."""
+    folder = os.path.dirname(os.path.abspath(output))
+    descriptor, temporary = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file readable by its owner only: give it the permissions a plain
+        # open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, output)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path):

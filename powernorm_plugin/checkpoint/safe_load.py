@@ -53,6 +53,24 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds pickled objects outside the allowlist, so it was not loaded."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file that torch cannot read as a checkpoint (truncated, or another kind of file)."""
+
+
+def _unreadable(source: "PathOrFile", error: Exception) -> UnreadableCheckpointError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UnreadableCheckpointError(
+        f"cannot read {_describe(source)} as a torch checkpoint (truncated, or not a "
+        f"checkpoint?): {type(error).__name__}: {reason}"
+    )
+
+
+# What torch.load raises on a file that is not a complete checkpoint: a truncated zip file
+# (RuntimeError from its reader), other bytes read as a legacy pickle (KeyError, EOFError,
+# ValueError from pickle's opcodes).
+_UNREADABLE = (RuntimeError, KeyError, EOFError, ValueError)
+
+
 _NUMERIC_DTYPES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64",
@@ -164,6 +182,8 @@ def _load_weights_only(source: PathOrFile, map_location: Any) -> Any:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise _translate(source, error) from None
+    except _UNREADABLE as error:
+        raise _unreadable(source, error) from error
 
 
 def _scan_zip(source: PathOrFile) -> None:
@@ -172,6 +192,8 @@ def _scan_zip(source: PathOrFile) -> None:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except pickle.UnpicklingError as error:
         raise _translate(source, error) from None
+    except _UNREADABLE as error:
+        raise _unreadable(source, error) from error
     finally:
         if start is not None:
             source.seek(start)

@@ -19,13 +19,14 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from typing import List, Optional
 
-import torch
-
+from powernorm_plugin.checkpoint.atomic_save import save_atomically
 from powernorm_plugin.checkpoint.average import StateDictAverager, StateDictMismatchError
-from powernorm_plugin.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from powernorm_plugin.checkpoint.safe_load import (
+    UnreadableCheckpointError, UnsafeCheckpointError, safe_load,
+)
+from powernorm_plugin.cli._paths import check_output
 
 logger = logging.getLogger("powernorm_plugin.cli.average_checkpoints")
 
@@ -122,29 +123,6 @@ def average_checkpoints(inputs: List[str]) -> dict:
     return last_state
 
 
-def save_atomically(state: dict, output: str) -> None:
-    """``torch.save`` to a temporary file in ``output``'s folder, then rename it to ``output``."""
-    folder = os.path.dirname(os.path.abspath(output))
-    descriptor, temporary = tempfile.mkstemp(
-        dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file readable by its owner only; give it the permissions
-        # a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, output)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m powernorm_plugin.cli.average_checkpoints",
@@ -189,16 +167,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.INFO)
-    output_folder = os.path.dirname(os.path.abspath(args.output))
-    if os.path.isdir(args.output):
-        parser.error(f"--output {args.output} is a directory; give a file name")
-    if not os.path.isdir(output_folder):
-        parser.error(f"--output {args.output}: folder {output_folder} does not exist")
+    check_output(parser, args.output)
     try:
         inputs = select_inputs(args)
+        check_output(parser, args.output, inputs)
         logger.info("averaging %d checkpoints: %s", len(inputs), " ".join(inputs))
         state = average_checkpoints(inputs)
-    except (CheckpointSelectionError, StateDictMismatchError, UnsafeCheckpointError) as error:
+    except (CheckpointSelectionError, StateDictMismatchError, UnsafeCheckpointError,
+            UnreadableCheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     save_atomically(state, args.output)

@@ -14,11 +14,12 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 
-import torch
-
-from powernorm_plugin.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from powernorm_plugin.checkpoint.atomic_save import save_atomically
+from powernorm_plugin.checkpoint.safe_load import (
+    UnreadableCheckpointError, UnsafeCheckpointError, safe_load,
+)
+from powernorm_plugin.cli._paths import check_output
 from powernorm_plugin.models.folding import FoldError, fold_checkpoint_state
 
 logger = logging.getLogger("powernorm_plugin.cli.fold_norms")
@@ -36,30 +37,20 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s | %(name)s | %(message)s", level=logging.INFO)
     if not os.path.isfile(args.input):
         print(f"fold_norms: --input {args.input}: no such file", file=sys.stderr)
         return 2
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        print("fold_norms: --output must differ from --input (keep the trainable checkpoint)",
-              file=sys.stderr)
-        return 2
+    check_output(parser, args.output, [args.input])
     try:
         checkpoint = safe_load(args.input)
         folded = fold_checkpoint_state(checkpoint)
-    except (FoldError, UnsafeCheckpointError) as e:
+    except (FoldError, UnsafeCheckpointError, UnreadableCheckpointError) as e:
         print(f"fold_norms: --input {args.input}: {e}", file=sys.stderr)
         return 1
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".fold_norms.", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_atomically(checkpoint, args.output)
     logger.info("folded %d norms into their linear layers: %s -> %s",
                 len(folded), args.input, args.output)
     return 0

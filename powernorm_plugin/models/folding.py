@@ -119,6 +119,8 @@ def _load_linear(state, prefix):
 @torch.no_grad()
 def fold_checkpoint_state(checkpoint):
     """Fold the norms of a loaded fairseq checkpoint dict in place; returns the folded prefixes."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise FoldError("not a fairseq checkpoint: it has no 'model' state dict")
     model_cfg = checkpoint["cfg"]["model"] if checkpoint.get("cfg") else checkpoint.get("args")
     if model_cfg is None:
         raise FoldError("the checkpoint has no model config (neither cfg.model nor args)")
