@@ -127,6 +127,18 @@ def test_fold_never_overwrites_its_input_and_names_unreadable_files(folded_power
     assert not os.path.exists(tmp_path / "out.pt")
 
 
+def test_folded_checkpoint_refused_by_a_trainable_model_naming_fold_norms(trained_models,
+                                                                          folded_power):
+    # (--restore-file, a folded file left in --save-dir, --finetune-from-model)
+    from powernorm_plugin.checkpoint.safe_load import safe_load
+
+    model = _load(folded_power[0], trained_models["reverse_task"]["data"])
+    folded_state = safe_load(folded_power[1])["model"]
+    with pytest.raises(RuntimeError, match="it was written by fold_norms, for inference only"):
+        model.load_state_dict(folded_state, strict=True)
+    model.load_state_dict(safe_load(folded_power[0])["model"], strict=True)
+
+
 def test_folded_checkpoint_is_written_with_the_usual_permissions(folded_power):
     umask = os.umask(0)
     os.umask(umask)

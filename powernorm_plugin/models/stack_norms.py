@@ -142,6 +142,25 @@ class PluginNormsMixin:
         model.folded_norms = bool(args.folded_norms)
         return model
 
+    def load_state_dict(self, state_dict, strict=True, *args, **kwargs):
+        """fairseq's load, with a clear error for a fold_norms checkpoint loaded into a
+        trainable model (``--restore-file``, a folded file in ``--save-dir``,
+        ``--finetune-from-model``), instead of torch's list of missing keys."""
+        try:
+            return super().load_state_dict(state_dict, strict, *args, **kwargs)
+        except RuntimeError as error:
+            statistics = [key for key in self.state_dict()
+                          if key.endswith((".running_phi", ".running_mean"))]
+            if strict and statistics and not any(key in state_dict for key in statistics):
+                raise RuntimeError(
+                    f"the checkpoint holds none of this model's PowerNorm/BatchNorm statistics "
+                    f"({statistics[0]}, ...): it was written by fold_norms, for inference only "
+                    f"(fairseq-generate --path FILE), or by a model with other "
+                    f"--encoder-norm-*/--decoder-norm-* settings. Train from the checkpoint "
+                    f"before folding."
+                ) from error
+            raise
+
     def train(self, mode=True):
         """Refuse to train a folded model; warn once when --powernorm-sync has no workers."""
         if mode:
