@@ -89,6 +89,7 @@ class _ConfigSlot:
 
 
 def check_causal(mode, causal):
+    """Refuse PN-V in a causal layer (a decoder's): it normalizes by the current batch."""
     if causal and mode == "vanilla":
         raise ValueError(
             "PowerNorm mode='vanilla' normalizes by the current batch's statistic, so a "
