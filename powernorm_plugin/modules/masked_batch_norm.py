@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._util import (
-    FP32BuffersMixin, autocast_off, check_input, checked_float, checked_int, compute_dtype, distributed_world,
-    register_affine, token_mask,
+    FP32BuffersMixin, autocast_off, check_input, checked_float, checked_int, compute_dtype,
+    distributed_world, register_affine, token_mask,
 )
 from .host_mirrors import DeferredFiniteCheck, defers_checks
 from .kernels import kernels_for
