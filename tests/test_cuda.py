@@ -233,8 +233,8 @@ def test_native_step_launches_one_finish_per_direction_or_none_when_merged(mode,
         run_module_step(pn, x, pad, dy)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    launches = {kernel: sum(kernel in name for name in names)
-                for kernel in ("forward_rows", "backward_rows", "finish_forward", "finish_backward")}
+    kernels = ("forward_rows", "backward_rows", "finish_forward", "finish_backward")
+    launches = {kernel: sum(kernel in name for name in names) for kernel in kernels}
     finishes = 0 if os.environ.get(MERGED_FINISH) == "1" else 1
     assert launches == {"forward_rows": sweeps, "backward_rows": sweeps,
                         "finish_forward": finishes, "finish_backward": finishes}, names

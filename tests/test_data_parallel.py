@@ -87,7 +87,8 @@ def test_two_gloo_ranks_train_powernorm_with_nap(fairseq_fork, reverse_task, tmp
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_resume_exactly_as_an_uninterrupted_run(fairseq_fork, reverse_task, tmp_path):
+def test_two_gloo_ranks_resume_exactly_as_an_uninterrupted_run(fairseq_fork, reverse_task,
+                                                                tmp_path):
     # Resuming, rank 0 loads the checkpoint and broadcasts it to rank 1 (a pickle that torch's
     # weights-only loader refused: omegaconf's DictConfig). --max-tokens 900 makes 11 batches
     # an epoch, so rank 1 ends each epoch on a dummy batch; the run stops and resumes at the
