@@ -16,10 +16,13 @@ USER_DIR = os.path.dirname(os.path.abspath(__file__))
 # Some of fairseq's modules call logging.basicConfig(level=DEBUG) as they are imported, which
 # would switch on debug logging for the whole process of a user who imports only the layers.
 # With a handler in place basicConfig does nothing, and the root logger is then put back as it
-# was. (fairseq's command-line tools configure logging before they load a --user-dir.)
+# was. The handler passes on warnings, as Python's last-resort handler would (the plugin's own
+# among them). (fairseq's command-line tools configure logging before they load a --user-dir.)
 _root = logging.getLogger()
 _root_level, _root_handlers = _root.level, list(_root.handlers)
-_root.addHandler(logging.NullHandler())
+_during_import = logging.StreamHandler()
+_during_import.setLevel(logging.WARNING)
+_root.addHandler(_during_import)
 try:
     import fairseq  # noqa: F401
 except ImportError:
@@ -35,4 +38,4 @@ else:
 finally:
     _root.setLevel(_root_level)
     _root.handlers[:] = _root_handlers
-    del _root, _root_level, _root_handlers
+    del _root, _root_level, _root_handlers, _during_import

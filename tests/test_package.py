@@ -71,6 +71,11 @@ print("ok")
     out = run_python(code)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok" and out.stderr == "", out.stderr[-3000:]
+    # warnings logged during the import still reach stderr, as without any configuration
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    out = run_python(code, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.startswith("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set"), out.stderr[-3000:]
 
 
 def test_installed_package_carries_every_source_the_native_library_builds_from():

@@ -231,3 +231,55 @@ def test_plugin_source_never_sets_the_no_weights_only_env_var():
     assert sources
     offenders = [str(path) for path in sources if writes.search(path.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_broadcast_allowlist_is_for_the_call_only_and_keeps_what_was_there():
+    # fairseq's broadcast of a loaded checkpoint between data-parallel ranks unpickles
+    # omegaconf types; allowing them for the call must not take away globals that the
+    # process (a user, omegaconf's own users) had allowlisted before
+    import collections
+    import io
+    import typing
+
+    from omegaconf import DictConfig, OmegaConf
+
+    import powernorm_plugin  # noqa: F401
+    from fairseq.distributed import utils as distributed_utils
+    from powernorm_plugin.checkpoint.safe_load import _with_broadcast_globals
+
+    saved = torch.serialization.get_safe_globals()
+    try:
+        torch.serialization.add_safe_globals([DictConfig, typing.Any])
+        before = {repr(entry) for entry in torch.serialization.get_safe_globals()}
+        state = {"cfg": OmegaConf.create({"lr": [0.1], "arch": "x"}),
+                 "meters": collections.defaultdict(int)}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+
+        def unpickle(*args):  # what a receiving rank does with the bytes
+            return torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu")
+
+        assert getattr(distributed_utils._broadcast_object_slow, "_powernorm_safe_load", False)
+        loaded = _with_broadcast_globals(unpickle)()  # what install() wraps fairseq's with
+        assert loaded["cfg"].lr == [0.1]
+        assert {repr(entry) for entry in torch.serialization.get_safe_globals()} == before
+        with pytest.raises(Exception, match="Unsupported global"):  # outside the call
+            unpickle()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_errors_that_are_not_about_the_file_stay_as_they_are(tmp_path):
+    # only a truncated or foreign file becomes UnreadableCheckpointError
+    from powernorm_plugin.checkpoint.safe_load import UnreadableCheckpointError, safe_load
+
+    for zipped in (True, False):
+        path = tmp_path / f"ok{zipped}.pt"
+        torch.save({"model": {"w": torch.ones(2)}}, path, _use_new_zipfile_serialization=zipped)
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            safe_load(path, map_location="cuda")
+        path.write_bytes(path.read_bytes()[:100])
+        with pytest.raises(UnreadableCheckpointError, match="as a torch checkpoint"):
+            safe_load(path)

@@ -58,17 +58,22 @@ class UnreadableCheckpointError(ValueError):
 
 
 def _unreadable(source: "PathOrFile", error: Exception) -> UnreadableCheckpointError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = type(error).__name__ + (f": {str(error).splitlines()[0]}" if str(error) else "")
     return UnreadableCheckpointError(
         f"cannot read {_describe(source)} as a torch checkpoint (truncated, or not a "
-        f"checkpoint?): {type(error).__name__}: {reason}"
+        f"checkpoint?): {reason}"
     )
 
 
-# What torch.load raises on a file that is not a complete checkpoint: a truncated zip file
-# (RuntimeError from its reader), other bytes read as a legacy pickle (KeyError, EOFError,
-# ValueError from pickle's opcodes).
-_UNREADABLE = (RuntimeError, KeyError, EOFError, ValueError)
+def _unreadable_file(error: Exception) -> bool:
+    """Whether torch.load's ``error`` says the file is not a complete checkpoint: a truncated
+    zip file or a corrupt legacy one (their readers' RuntimeError), or other bytes read as a
+    legacy pickle (KeyError, EOFError). Other errors (a map_location without its device, out
+    of memory) are not about the file, and stay as they are."""
+    if isinstance(error, (KeyError, EOFError)):
+        return True
+    return isinstance(error, RuntimeError) and (
+        "PytorchStreamReader" in str(error) or "magic number" in str(error))
 
 
 _NUMERIC_DTYPES = (
@@ -182,7 +187,9 @@ def _load_weights_only(source: PathOrFile, map_location: Any) -> Any:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise _translate(source, error) from None
-    except _UNREADABLE as error:
+    except (RuntimeError, KeyError, EOFError) as error:
+        if not _unreadable_file(error):
+            raise
         raise _unreadable(source, error) from error
 
 
@@ -192,7 +199,9 @@ def _scan_zip(source: PathOrFile) -> None:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except pickle.UnpicklingError as error:
         raise _translate(source, error) from None
-    except _UNREADABLE as error:
+    except (RuntimeError, KeyError, EOFError) as error:
+        if not _unreadable_file(error):
+            raise
         raise _unreadable(source, error) from error
     finally:
         if start is not None:
@@ -288,8 +297,16 @@ def _with_broadcast_globals(broadcast: Callable) -> Callable:
 
     @functools.wraps(broadcast)
     def wrapped(*args, **kwargs):
-        with torch.serialization.safe_globals(broadcast_safe_globals()):
+        # Not torch.serialization.safe_globals(): leaving it would also remove the globals
+        # that were allowlisted before; the allowlist is put back as it was instead.
+        before = torch.serialization.get_safe_globals()
+        torch.serialization.add_safe_globals(
+            [entry for entry in broadcast_safe_globals() if entry not in before])
+        try:
             return broadcast(*args, **kwargs)
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(before)
 
     wrapped._powernorm_safe_load = True  # type: ignore[attr-defined]
     return wrapped

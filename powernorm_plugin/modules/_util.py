@@ -92,6 +92,8 @@ def ignored_batch():
     rank that has run out of batches trains on a copy of an earlier one, its loss times 0, so
     that it joins its peers' gradient all-reduce): such a batch must not move the running
     statistics. Synchronized layers still take part in their all-reduces, with no tokens.
+    The flag is the process's, not a thread's (fairseq trains in one thread): a program that
+    trains in several threads at once must not use it while another thread trains.
     """
     before = _ignored[0]
     _ignored[0] = True

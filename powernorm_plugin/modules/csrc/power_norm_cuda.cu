@@ -32,6 +32,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -97,16 +98,18 @@ __device__ __forceinline__ A block_sum(const A* partial, int64_t blocks, int par
 
 // Whether this block is the last of its kernel to get here (every thread gets the answer).
 // Each block counts itself in `arrivals` once its column sums are written and fenced, so the
-// last one sees every block's sums; it sets the count back to zero for the next launch.
+// last one sees every block's sums; it sets the count back to zero for the next launch. (No
+// shared memory: the answer reaches the block's threads through __syncthreads_or.)
 __device__ bool last_to_arrive(unsigned int* arrivals) {
-  __shared__ bool last;
   __threadfence();
   __syncthreads();
+  bool last = false;
   if (threadIdx.x == 0) {
     last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
     if (last) *arrivals = 0u;
   }
-  __syncthreads();
+  last = __syncthreads_or(last);
+  if (last) __threadfence();  // the other blocks' sums are read after the count
   return last;
 }
 
@@ -397,9 +400,13 @@ bool merged_finish() {
 // The arrival count of the merged finish for the current stream, or null where the finish
 // is a kernel of its own. A count per device and stream (two kernels running at once on
 // different streams must not share one), made zero once, kept for the life of the process:
-// each kernel's last block leaves it at zero again.
+// each kernel's last block leaves it at zero again. Not while a CUDA graph is captured: its
+// zeroing would only be recorded, and a graph replayed on other streams would share it.
 unsigned int* arrivals(const c10::cuda::CUDAStream& stream) {
-  if (!merged_finish()) return nullptr;
+  if (!merged_finish() ||
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return nullptr;
+  }
   static std::mutex mutex;
   static auto* counts = new std::map<std::pair<int, c10::StreamId>, Tensor>();  // never freed:
   // a tensor freed after CUDA's own teardown at exit would crash there
