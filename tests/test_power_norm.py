@@ -362,7 +362,7 @@ def test_native_matches_eager_without_padding(mode):
     ("official", None, torch.bfloat16, 2054)])
 def test_native_matches_eager_on_outputs_written_with_streaming_stores(mode, groups, dtype, C_big):
     # Outputs of 4 MiB and more take the kernels' non-temporal stores (kStreamBytes in
-    # power_norm_cpu.cpp); an odd row length makes rows start off the 16-byte boundary.
+    # power_norm_cpu.cpp); an odd row length makes rows start off the 32-byte boundary.
     T_big, B_big = 33, 31
     assert T_big * B_big * C_big * dtype.itemsize >= 4 << 20
     gen = torch.Generator().manual_seed(3)

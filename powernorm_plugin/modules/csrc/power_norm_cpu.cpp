@@ -38,6 +38,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "power_norm_cpu.h"
 
@@ -139,9 +142,14 @@ class OutputRows {
 #if defined(__SSE2__)
     if (stream_) {
       const int64_t head =
-          std::min<int64_t>(bytes, (16 - reinterpret_cast<std::uintptr_t>(dst) % 16) % 16);
+          std::min<int64_t>(bytes, (32 - reinterpret_cast<std::uintptr_t>(dst) % 32) % 32);
       std::memcpy(dst, src, head);
       dst += head, src += head, bytes -= head;
+#if defined(__AVX__)
+      for (; bytes >= 32; dst += 32, src += 32, bytes -= 32)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#endif
       for (; bytes >= 16; dst += 16, src += 16, bytes -= 16)
         _mm_stream_si128(reinterpret_cast<__m128i*>(dst),
                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
