@@ -34,6 +34,7 @@ pickle's opcodes without executing any of them, so a refused payload never runs,
 when the user has set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
 """
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -183,8 +184,17 @@ def _load_weights_only(source: PathOrFile, map_location: Any) -> Any:
     # Not torch.serialization.safe_globals(): leaving that context removes its globals
     # from the allowlist even when install() had added them before.
     allow_checkpoint_globals()
-    try:
+    with _reading(source):
         return torch.load(source, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def _reading(source: PathOrFile):
+    """torch's errors on reading ``source`` as the plugin's: a weights-only refusal as
+    :class:`UnsafeCheckpointError`, a file that is not a complete checkpoint as
+    :class:`UnreadableCheckpointError`; other errors as they are."""
+    try:
+        yield
     except pickle.UnpicklingError as error:
         raise _translate(source, error) from None
     except (RuntimeError, KeyError, EOFError) as error:
@@ -196,13 +206,8 @@ def _load_weights_only(source: PathOrFile, map_location: Any) -> Any:
 def _scan_zip(source: PathOrFile) -> None:
     start = None if isinstance(source, (str, os.PathLike)) else source.tell()
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
-    except pickle.UnpicklingError as error:
-        raise _translate(source, error) from None
-    except (RuntimeError, KeyError, EOFError) as error:
-        if not _unreadable_file(error):
-            raise
-        raise _unreadable(source, error) from error
+        with _reading(source):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     finally:
         if start is not None:
             source.seek(start)

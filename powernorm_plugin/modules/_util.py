@@ -49,6 +49,12 @@ def checked_float(value, name, accepts, expected):
     raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+def checked_eps(value, layer):
+    """A layer's eps, checked: a positive finite number (eps = 0 turns a constant feature into
+    0 / 0 = NaN under the square root)."""
+    return checked_float(value, f"{layer} eps", lambda v: v > 0, "a positive finite number")
+
+
 def check_input(x, num_features, layer):
     """Raise a clear error unless ``x`` is a floating (T, B, C) tensor with C == num_features."""
     if not isinstance(x, torch.Tensor):

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._util import (
-    FP32BuffersMixin, autocast_off, check_input, checked_float, checked_int, compute_dtype,
-    distributed_world, register_affine, token_mask,
+    FP32BuffersMixin, autocast_off, check_input, checked_eps, checked_float, checked_int,
+    compute_dtype, distributed_world, register_affine, token_mask,
 )
 from .host_mirrors import DeferredFiniteCheck, defers_checks
 from .kernels import kernels_for
@@ -198,9 +198,8 @@ class MaskedBatchNorm(FP32BuffersMixin, nn.Module):
         self._checks = DeferredFiniteCheck()
 
     def __setattr__(self, name, value):
-        if name == "eps":  # eps = 0 turns a constant feature into 0 / 0 = NaN
-            value = checked_float(value, "MaskedBatchNorm eps", lambda v: v > 0,
-                                  "a positive finite number")
+        if name == "eps":
+            value = checked_eps(value, "MaskedBatchNorm")
         elif name == "momentum":  # (None, torch's cumulative average, is not implemented)
             value = checked_float(value, "MaskedBatchNorm momentum", lambda v: 0 < v <= 1,
                                   "a number in (0, 1]")

@@ -39,6 +39,7 @@ from ._util import (
     FP32BuffersMixin,
     all_reduce_sum,
     check_input,
+    checked_eps,
     checked_float,
     checked_int,
     compute_dtype,
@@ -111,8 +112,7 @@ def _checked_rate(name):
 #: PowerNorm's settings that are checked (and normalized) whenever they are assigned.
 _CHECKED = {
     "mode": _checked_mode,
-    "eps": lambda layer, value: checked_float(value, "PowerNorm eps", lambda v: v > 0,
-                                              "a positive finite number"),
+    "eps": lambda layer, value: checked_eps(value, "PowerNorm"),
     "alpha_fwd": _checked_rate("alpha_fwd"),
     "alpha_bkw": _checked_rate("alpha_bkw"),
     "warmup_updates": lambda layer, value: checked_int(value, "PowerNorm warmup_updates", 0),
