@@ -30,11 +30,12 @@ except ImportError:
 else:
     HAVE_FAIRSEQ = True
     from . import checkpoint, models, optim  # noqa: F401  (registration side effects)
-    from . import dummy_batches, ema_counters, exact_resume
+    from . import dummy_batches, ema_counters, exact_resume, process_group_exit
 
     dummy_batches.install()
     ema_counters.install()
     exact_resume.install()
+    process_group_exit.install()
 finally:
     _root.setLevel(_root_level)
     _root.handlers[:] = _root_handlers

@@ -1,7 +1,13 @@
-"""The plugin's hooks into fairseq's trainer: dummy batches and the trainer-level EMA.
+"""The plugin's hooks into fairseq's trainer: dummy batches, the trainer-level EMA, and the
+process group's teardown at exit.
 
 (Their use in a real two-rank fairseq-train run, resumed: test_data_parallel.py.)
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +19,8 @@ fairseq = pytest.importorskip("fairseq")
 from fairseq.models.ema import EMA  # noqa: E402
 from fairseq.dataclass.configs import EMAConfig  # noqa: E402
 from fairseq.tasks.fairseq_task import FairseqTask  # noqa: E402
+
+from conftest import REPO  # noqa: E402
 
 T, B, C = 5, 3, 8
 
@@ -101,3 +109,58 @@ def test_trainer_ema_copies_step_counters_and_averages_statistics(fp32):
             torch.testing.assert_close(averaged[name].to(want.dtype), want)
         else:
             assert int(averaged[name]) == int(value) == 3, name
+
+
+# A process that reports at exit whether its process group was still alive. Its handler is
+# registered before the plugin's, so it runs after it (atexit runs handlers last in, first out).
+EXIT_REPORT = """
+import atexit, sys
+import torch.distributed as dist
+atexit.register(lambda: open(sys.argv[1], "w").write(
+    "alive" if dist.is_initialized() else "destroyed"))
+store = "file://" + sys.argv[2]
+"""
+
+
+def _exit_state(tmp_path, code):
+    script = EXIT_REPORT + textwrap.dedent(code)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    report = tmp_path / "report"
+    run = subprocess.run([sys.executable, "-c", script, str(report), str(tmp_path / "store")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    return report.read_text()
+
+
+def test_gloo_group_made_before_the_plugin_loads_is_destroyed_at_exit(tmp_path):
+    # a worker of torch.multiprocessing.spawn: fairseq's main loads the plugin after
+    # distributed_init. A gloo group left alive at exit sometimes aborted the rank
+    # ("terminate called without an active exception").
+    assert _exit_state(tmp_path, """
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        import powernorm_plugin
+    """) == "destroyed"
+
+
+def test_gloo_group_from_fairseq_distributed_init_is_destroyed_at_exit(tmp_path):
+    # a --distributed-no-spawn rank: the plugin is loaded first, then fairseq makes the group
+    assert _exit_state(tmp_path, """
+        import powernorm_plugin
+        from fairseq.dataclass.configs import FairseqConfig
+        from fairseq.distributed import utils
+        cfg = FairseqConfig()
+        cfg.common.cpu = True
+        d = cfg.distributed_training
+        d.distributed_world_size, d.distributed_rank = 1, 0
+        d.distributed_backend, d.distributed_init_method = "gloo", store
+        assert utils.distributed_init(cfg) == 0 and dist.is_initialized()
+    """) == "destroyed"
+
+
+def test_process_group_destroyed_by_the_user_is_left_alone(tmp_path):
+    assert _exit_state(tmp_path, """
+        import powernorm_plugin
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        powernorm_plugin.process_group_exit.install()
+        dist.destroy_process_group()
+    """) == "destroyed"
