@@ -1,4 +1,6 @@
 """MaskedBatchNorm, group scaling, folding into linear layers, and bad-input handling."""
+import warnings
+
 import pytest
 import torch
 
@@ -212,6 +214,31 @@ def test_fold_into_following_linear_is_exact(make, batch):
     expected_type = GroupScaling if getattr(norm, "group_num", None) else torch.nn.Module
     assert isinstance(residual, expected_type)
     torch.testing.assert_close(folded(residual(x)), linear(norm(x)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: PowerNorm(C, group_num=2),
+    lambda: PowerNorm(C, mode="vanilla"),
+    lambda: MaskedBatchNorm(C),
+    lambda: GroupScaling(C, 4),
+])
+def test_eval_norms_trace_save_reload_and_export(make, batch, tmp_path):
+    # deployment: torch.jit.trace + torch.jit.save, and torch.export, of an inference model.
+    # The group scaling's autograd.Function could not be saved.
+    x, pad = batch
+    norm = make().double()
+    for _ in range(2):
+        norm(x.clone().requires_grad_(), pad).sum().backward()
+    norm.eval()
+    with warnings.catch_warnings():  # torch.jit's deprecation; check_input's size test
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(norm, (x,))
+    torch.jit.save(traced, tmp_path / "norm.pt")
+    reloaded = torch.jit.load(tmp_path / "norm.pt")
+    other = torch.randn(3, 5, C, dtype=torch.float64)  # another T and B
+    torch.testing.assert_close(reloaded(other), norm(other))
+    exported = torch.export.export(norm, (x,)).module()
+    torch.testing.assert_close(exported(x), norm(x))
 
 
 def test_fold_refuses_training_mode_and_other_layers():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._util import checked_int
-from .kernels import EAGER, kernels_for
+from .kernels import EAGER, _group_scale, kernels_for
 
 
 class GroupRMSScaleFunction(torch.autograd.Function):
@@ -44,6 +44,14 @@ def group_rms_scale(x, groups, eps=1e-5, backend="auto"):
     return z.view(shape)
 
 
+def traceable_group_rms_scale(x, groups, eps=1e-5):
+    """The same map in tensor operators alone, differentiated by autograd: what inference runs,
+    so that torch.jit.trace and torch.export record it (they cannot save a Python
+    autograd.Function)."""
+    shape = x.shape
+    return _group_scale(x.reshape(-1, shape[-1]), groups, eps)[0].to(x.dtype).view(shape)
+
+
 def check_groups(num_features, group_num):
     """Validate ``group_num`` for ``num_features`` channels; returns it (None = no scaling)."""
     if group_num is None:
@@ -67,8 +75,9 @@ class GroupScaling(nn.Module):
         self.eps = eps
 
     def forward(self, x, padding_mask=None):
-        backend = "auto" if self.training else "eager"  # inference: not worth compiling
-        return group_rms_scale(x, self.group_num, self.eps, backend)
+        if not self.training:
+            return traceable_group_rms_scale(x, self.group_num, self.eps)
+        return group_rms_scale(x, self.group_num, self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, group_num={self.group_num}, eps={self.eps}"

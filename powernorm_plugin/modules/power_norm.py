@@ -47,9 +47,9 @@ from ._util import (
     register_affine,
     token_mask,
 )
-from .group_scaling import GroupRMSScaleFunction, check_groups
+from .group_scaling import check_groups, traceable_group_rms_scale
 from .host_mirrors import DeferredFiniteCheck, StepCounter, defers_checks
-from .kernels import EAGER, kernels_for, resolve_backend
+from .kernels import kernels_for, resolve_backend
 
 MODES = ("paper", "official", "vanilla")  # in the order of the C++ step's Mode
 
@@ -465,9 +465,10 @@ class PowerNorm(FP32BuffersMixin, nn.Module):
         T, B, C = x.shape
         if not self.training:
             z = x.reshape(T * B, C)
-            # Inference is a per-feature affine map: compiling it would cost more than it saves.
+            # Inference is a per-feature affine map (after the group scaling): tensor operators
+            # only, which torch.jit.trace and torch.export can record.
             if self.group_num is not None:
-                z = GroupRMSScaleFunction.apply(z, self.group_num, self.eps, EAGER)
+                z = traceable_group_rms_scale(z, self.group_num, self.eps)
             return self.eval_affine(z).view(T, B, C)
         compiling = _compiling()
         if not compiling and torch._C._current_graph_task_id() != -1:
