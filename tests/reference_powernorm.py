@@ -11,8 +11,12 @@ def group_scale(X, groups, eps):
     return (Xg / torch.sqrt((Xg ** 2).mean(-1, keepdim=True) + eps)).view(N, C)
 
 
-def powernorm_step(x, pad, dy, gamma, beta, state, mode, warmup, af, ab, eps, groups):
-    """One training step. state = dict(phi, nu, step). Returns (y, dx, dgamma, dbeta, new_state)."""
+def powernorm_step(x, pad, dy, gamma, beta, state, mode, warmup, af, ab, eps, groups,
+                   causal=False):
+    """One training step. state = dict(phi, nu, step). Returns (y, dx, dgamma, dbeta, new_state).
+
+    causal: the output never depends on the current batch, so warm-up normalizes by psi_{t-1}
+    as well (the statistics move as without it)."""
     T, B, C = x.shape
     X = x.reshape(T * B, C).detach().clone().requires_grad_(True)
     DY = dy.reshape(T * B, C)
@@ -36,7 +40,7 @@ def powernorm_step(x, pad, dy, gamma, beta, state, mode, warmup, af, ab, eps, gr
         (dz,) = torch.autograd.grad(yv, zz, DY)
         s = psiB
     else:
-        s = psiB if warm else phi
+        s = psiB if warm and not causal else phi
         zhat = zd / torch.sqrt(s + eps)
         if mode == "paper":
             corr = torch.where(tok[:, None], nu * zhat, torch.zeros_like(zhat))

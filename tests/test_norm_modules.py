@@ -33,7 +33,8 @@ def bn_batch(request, batch):
 def test_masked_batch_norm_matches_token_statistics(bn_batch, backend, monkeypatch):
     monkeypatch.setenv("POWERNORM_BACKEND", backend)  # the passes behind the padded calls
     x, pad = bn_batch
-    bn = MaskedBatchNorm(C, momentum=0.2).double()
+    eps = 0.3  # not the default, so that a layer ignoring its setting fails
+    bn = MaskedBatchNorm(C, momentum=0.2, eps=eps).double()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
@@ -48,7 +49,7 @@ def test_masked_batch_norm_matches_token_statistics(bn_batch, backend, monkeypat
         xr = (x * (1 + step)).requires_grad_(True)
         tok = xr[~pad.t()]  # (N, C)
         mean, var = tok.mean(0), tok.var(0, unbiased=False)
-        yr = (xr - mean) / torch.sqrt(var + 1e-5) * bn.weight + bn.bias
+        yr = (xr - mean) / torch.sqrt(var + eps) * bn.weight + bn.bias
         want = torch.autograd.grad(yr, (xr, bn.weight, bn.bias), dy)
         torch.testing.assert_close(y, yr)
         for got, w in zip((xa.grad, bn.weight.grad, bn.bias.grad), want):
@@ -59,7 +60,7 @@ def test_masked_batch_norm_matches_token_statistics(bn_batch, backend, monkeypat
         torch.testing.assert_close(bn.running_var, var_r)
     assert int(bn.num_batches_tracked) == 2
     bn.eval()
-    want = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-5) * bn.weight + bn.bias
+    want = (x - bn.running_mean) / torch.sqrt(bn.running_var + eps) * bn.weight + bn.bias
     torch.testing.assert_close(bn(x), want)
 
 
