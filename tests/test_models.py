@@ -105,6 +105,8 @@ def test_bad_option_values_name_the_flag(build_plugin_model):
         build_plugin_model("powernorm_transformer", *SMALL, "--powernorm-groups", "3")
     with pytest.raises(ValueError, match="--checkpoint-activations"):
         build_plugin_model("powernorm_transformer", *SMALL, "--checkpoint-activations")
+    with pytest.raises(ValueError, match="--offload-activations"):  # turns checkpointing on
+        build_plugin_model("powernorm_transformer", *SMALL, "--offload-activations")
 
 
 def _padded(tokens, pad, extra, left):

@@ -204,10 +204,11 @@ def check_norm_options(args, stacks):
         site_kind(args, stack, site) in FOLDABLE_KINDS for stack in stacks for site in ("self", "ff")
     )
     if batch_stat and _get(args, "checkpoint_activations", False):
+        flag = ("--offload-activations (which checkpoints activations)"
+                if _get(args, "offload_activations", False) else "--checkpoint-activations")
         raise ValueError(
-            "--checkpoint-activations re-runs layer forwards during the backward pass, which "
-            "would update PowerNorm/BatchNorm running statistics twice; use layer or rms norms "
-            "with it"
+            f"{flag} re-runs layer forwards during the backward pass, which would update "
+            "PowerNorm/BatchNorm running statistics twice; use layer or rms norms with it"
         )
 
 
