@@ -60,6 +60,31 @@ def test_language_model_architectures(build_plugin_model):
     assert isinstance(ptb.decoder.layers[3].self_attn_layer_norm, PowerNorm)
 
 
+@pytest.mark.parametrize("arch,flags,task", [
+    ("powernorm_transformer", ["--encoder-layerdrop", "0.5", "--decoder-layerdrop", "0.5",
+                               "--decoder-norm-self", "power", "--decoder-norm-ff", "power"],
+     "translation"),
+    ("powernorm_transformer_lm", ["--decoder-layerdrop", "0.5"], "language_modeling"),
+])
+def test_layerdrop_keeps_the_chosen_norm_in_every_layer(build_plugin_model, arch, flags, task):
+    # with layerdrop, iterating fairseq's LayerDropModuleList in training mode skips a random
+    # subset of the layers: the norms went into some layers only, and the checkpoint then
+    # loaded only under the seed it was built with
+    six = ["--encoder-layers", "6", "--decoder-layers", "6"] if task == "translation" else [
+        "--decoder-layers", "6"]
+    sizes = SMALL if task == "translation" else SMALL_LM
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model, _, _ = build_plugin_model(arch, *sizes, *six, *flags, task=task)
+        stacks = [model.decoder] + ([model.encoder] if task == "translation" else [])
+        for stack in stacks:
+            assert type(stack.layers).__name__ == "LayerDropModuleList"
+            for i in range(len(stack.layers)):
+                layer = stack.layers[i]
+                assert isinstance(layer.self_attn_layer_norm, PowerNorm), (seed, i)
+                assert isinstance(layer.final_layer_norm, PowerNorm), (seed, i)
+
+
 def test_site_flags_groups_warmup_and_mode(build_plugin_model):
     model, _, _ = build_plugin_model(
         "powernorm_transformer_iwslt_de_en", *SMALL, "--encoder-norm-self", "rms",
@@ -107,6 +132,11 @@ def test_bad_option_values_name_the_flag(build_plugin_model):
         build_plugin_model("powernorm_transformer", *SMALL, "--checkpoint-activations")
     with pytest.raises(ValueError, match="--offload-activations"):  # turns checkpointing on
         build_plugin_model("powernorm_transformer", *SMALL, "--offload-activations")
+    with pytest.raises(ValueError, match="--powernorm-sync with --encoder-layerdrop"):
+        build_plugin_model("powernorm_transformer", *SMALL, "--powernorm-sync",
+                           "--encoder-layerdrop", "0.2")
+    build_plugin_model("powernorm_transformer", *SMALL, "--powernorm-sync",
+                       "--decoder-layerdrop", "0.2")  # a LayerNorm decoder: nothing to pair
 
 
 def _padded(tokens, pad, extra, left):

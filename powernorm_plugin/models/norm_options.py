@@ -203,6 +203,15 @@ def check_norm_options(args, stacks):
     batch_stat = any(
         site_kind(args, stack, site) in FOLDABLE_KINDS for stack in stacks for site in ("self", "ff")
     )
+    for stack in stacks:
+        stat_sites = any(site_kind(args, stack, site) in FOLDABLE_KINDS for site in ("self", "ff"))
+        if stat_sites and _get(args, "powernorm_sync", False) and _get(
+                args, f"{stack}_layerdrop", 0) > 0:
+            raise ValueError(
+                f"--powernorm-sync with --{stack}-layerdrop: each rank drops its own random "
+                "layers (its random numbers depend on its batch shapes), so the ranks' "
+                "all-reduces of the statistics would pair different layers; use one of the two"
+            )
     if batch_stat and _get(args, "checkpoint_activations", False):
         flag = ("--offload-activations (which checkpoints activations)"
                 if _get(args, "offload_activations", False) else "--checkpoint-activations")

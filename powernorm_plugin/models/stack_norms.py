@@ -98,7 +98,10 @@ def install_stack_norms(stack, args, stack_name, heads, causal):
     self_kind = site_kind(args, stack_name, "self")
     ff_kind = site_kind(args, stack_name, "ff")
     act_norm = str(getattr(args, "ffn_activation_norm", "none"))
-    for layer in stack.layers:
+    # by index: with --encoder/decoder-layerdrop the list is fairseq's LayerDropModuleList,
+    # whose iteration skips a random subset of the layers in training mode
+    for i in range(len(stack.layers)):
+        layer = stack.layers[i]
         dim = layer.embed_dim
         if self_kind != "layer":
             layer.self_attn_layer_norm = make(self_kind, dim)
