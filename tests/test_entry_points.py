@@ -110,3 +110,39 @@ def test_language_model_from_pretrained_scores(trained_models):
         return lprobs.gather(1, target[:, None]).mean().item()
 
     assert mean_logprob("w3 w4 w5 w6 w7 w8 w9") > mean_logprob("w3 w9 w5 w8 w4 w7 w6") + 1.0
+
+
+HYDRA_CONFIG = """\
+common: {{user_dir: {user_dir}, cpu: true, seed: 1, log_format: simple}}
+checkpoint: {{save_dir: {save_dir}, no_epoch_checkpoints: true}}
+task: {{_name: translation, data: {data}}}
+criterion: cross_entropy
+model:
+  _name: powernorm_transformer_iwslt_de_en
+  encoder_embed_dim: 16
+  decoder_embed_dim: 16
+  encoder_ffn_embed_dim: 32
+  decoder_ffn_embed_dim: 32
+  encoder_layers: 1
+  decoder_layers: 1
+  encoder_attention_heads: 2
+  decoder_attention_heads: 2
+optimizer: {{_name: adam}}
+lr_scheduler: {{_name: inverse_sqrt, warmup_updates: 3}}
+optimization: {{lr: [0.005], max_update: 2, update_freq: [2]}}
+dataset: {{max_tokens: 256, num_workers: 0}}
+"""
+
+
+def test_hydra_train_takes_the_powernorm_warmup_from_the_lr_scheduler(reverse_task, user_dir,
+                                                                       tmp_path):
+    # fairseq-hydra-train gives the model its own fields only: the warm-up (3 updates x
+    # update_freq 2 = 6 forward passes) is read from the run's config. It was 0, silently.
+    (tmp_path / "run.yaml").write_text(HYDRA_CONFIG.format(
+        user_dir=user_dir, save_dir=tmp_path / "ckpt", data=reverse_task["data"]))
+    out = run_fairseq("hydra_train", "--config-dir", tmp_path, "--config-name", "run",
+                      f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path)
+    log = out.stdout + out.stderr
+    norms = re.findall(r"PowerNorm\(16, .*warmup_updates=(\d+)", log)
+    assert norms and set(norms) == {"6"}, log[-3000:]
+    assert (tmp_path / "ckpt" / "checkpoint_last.pt").exists()

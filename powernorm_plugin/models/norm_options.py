@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import OmegaConf
 
 from ..modules import NORM_KINDS, norm_uses_padding
 from ..modules._util import distributed_world
@@ -156,10 +157,22 @@ def fill_norm_defaults(args, encoder_norm="power", decoder_norm="layer"):
         _set_default(args, flag, False)
     _set_default(args, "ffn_activation_norm", "none")
     if getattr(args, "powernorm_warmup", None) is None:
-        update_freq = getattr(args, "update_freq", None) or [1]
-        if isinstance(update_freq, (list, tuple)):
+        update_freq = _training_setting(args, "optimization", "update_freq") or [1]
+        if isinstance(update_freq, (list, tuple)) or OmegaConf.is_list(update_freq):
             update_freq = update_freq[0]
-        args.powernorm_warmup = int(_get(args, "warmup_updates", 0)) * int(update_freq)
+        warmup = _training_setting(args, "lr_scheduler", "warmup_updates") or 0
+        args.powernorm_warmup = int(warmup) * int(update_freq)
+
+
+def _training_setting(args, section, name):
+    """``args.<name>``: fairseq-train's namespace holds every flag. Under fairseq-hydra-train the
+    model's config holds the model's fields only, and the setting is read from the run's
+    config (``<section>.<name>``). None where neither has it."""
+    value = getattr(args, name, None)
+    if value is None and OmegaConf.is_config(args):
+        root = args._get_root()
+        value = OmegaConf.select(root, f"{section}.{name}") if root is not args else None
+    return value
 
 
 def site_kind(args, stack, site):
