@@ -13,10 +13,11 @@ its group exists, as fairseq's ``main`` does in a spawned worker, so the plugin'
 (``--alternate`` runs the trials with and without ``--plugin`` in turn.)
 """
 import argparse
+import collections
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -25,9 +26,9 @@ import torch.multiprocessing as mp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def rank_main(rank, world_size, port, plugin):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def rank_main(rank, world_size, store, plugin):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
     if plugin:
         sys.path.insert(0, REPO)
         import powernorm_plugin  # noqa: F401  (registers its exit handler)
@@ -37,18 +38,18 @@ def rank_main(rank, world_size, port, plugin):
     dist.barrier()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def trial(ranks, plugin):
-    """One trial in a fresh process; returns whether it aborted."""
+    """One trial in a fresh process: "aborted" (a rank died by SIGABRT or printed std::terminate's
+    message), "ok", or "failed" (anything else: not what this script counts)."""
     argv = [sys.executable, os.path.abspath(__file__), "--one", "--ranks", str(ranks)]
-    run = subprocess.run(argv + (["--plugin"] if plugin else []), capture_output=True, text=True,
-                         timeout=300)
-    return run.returncode != 0 or "terminate called" in run.stderr
+    try:
+        run = subprocess.run(argv + (["--plugin"] if plugin else []), capture_output=True,
+                             text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "failed"
+    if "terminate called" in run.stderr or "signal SIGABRT" in run.stderr:
+        return "aborted"
+    return "ok" if run.returncode == 0 else "failed"
 
 
 def main():
@@ -62,16 +63,21 @@ def main():
     if args.ranks < 2 or args.trials < 1:
         p.error("--ranks must be at least 2 and --trials at least 1")
     if args.one:
-        mp.spawn(rank_main, args=(args.ranks, free_port(), args.plugin), nprocs=args.ranks)
+        with tempfile.TemporaryDirectory() as folder:  # a file store: no port to race for
+            mp.spawn(rank_main, args=(args.ranks, os.path.join(folder, "store"), args.plugin),
+                     nprocs=args.ranks)
         return
     variants = [False, True] if args.alternate else [args.plugin]
-    aborted = {v: 0 for v in variants}
+    outcomes = {v: collections.Counter() for v in variants}
     for _ in range(args.trials):
         for v in variants:
-            aborted[v] += trial(args.ranks, v)
+            outcomes[v][trial(args.ranks, v)] += 1
+    print(f"load average before the last trial: {os.getloadavg()[0]:.1f}")
     for v in variants:
         name = "with the plugin" if v else "without the plugin"
-        print(f"{args.ranks} gloo ranks, {name}: {aborted[v]}/{args.trials} trials aborted at exit")
+        failed = outcomes[v]["failed"]
+        print(f"{args.ranks} gloo ranks, {name}: {outcomes[v]['aborted']}/{args.trials} trials "
+              f"aborted at exit" + (f" ({failed} failed otherwise)" if failed else ""))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import functools
 import torch.distributed as dist
 from fairseq.distributed import utils as distributed_utils
 
-_registered = []
+_handler_registered = False
 
 
 def destroy_gloo_group():
@@ -31,9 +31,10 @@ def destroy_gloo_group():
         dist.destroy_process_group()
 
 
-def _at_exit():
-    if not _registered:
-        _registered.append(True)
+def _register_exit_handler():
+    global _handler_registered
+    if not _handler_registered:
+        _handler_registered = True
         atexit.register(destroy_gloo_group)
 
 
@@ -45,10 +46,10 @@ def install():
         @functools.wraps(original)
         def distributed_init(cfg):
             rank = original(cfg)
-            _at_exit()
+            _register_exit_handler()
             return rank
 
         distributed_init._powernorm_destroys_group = True
         distributed_utils.distributed_init = distributed_init
     if dist.is_available() and dist.is_initialized():
-        _at_exit()
+        _register_exit_handler()

@@ -213,16 +213,15 @@ def check_norm_options(args, stacks):
                     "(causal PowerNorm), layer or rms, or pass --allow-noncausal-decoder-norm to "
                     "accept the leak (e.g. to reproduce the paper's BN / PN-V rows)"
                 )
-    batch_stat = any(
-        site_kind(args, stack, site) in FOLDABLE_KINDS for stack in stacks for site in ("self", "ff")
-    )
-    for stack in stacks:
-        stat_sites = any(site_kind(args, stack, site) in FOLDABLE_KINDS for site in ("self", "ff"))
-        if stat_sites and _get(args, "powernorm_sync", False) and _get(
-                args, f"{stack}_layerdrop", 0) > 0:
+    stat_stacks = [stack for stack in stacks
+                   if any(site_kind(args, stack, site) in FOLDABLE_KINDS for site in ("self", "ff"))]
+    batch_stat = bool(stat_stacks)
+    for stack in stat_stacks:
+        if _get(args, "powernorm_sync", False) and _get(args, f"{stack}_layerdrop", 0) > 0:
             raise ValueError(
-                f"--powernorm-sync with --{stack}-layerdrop: each rank drops its own random "
-                "layers (its random numbers depend on its batch shapes), so the ranks' "
+                f"--powernorm-sync with --{stack}-layerdrop: each rank draws the layers it drops "
+                "from its own CPU random generator, which CPU dropout also draws from, as many "
+                "times as its batch has elements. Ranks then drop different layers, and their "
                 "all-reduces of the statistics would pair different layers; use one of the two"
             )
     if batch_stat and _get(args, "checkpoint_activations", False):
