@@ -98,6 +98,8 @@ def test_quickstart_runs_end_to_end_and_reports_bleu_and_curves(tmp_path):
     for model in record["models"].values():
         assert 0.0 <= model["bleu"] <= 100.0
         assert [x for x, _ in model["valid_loss"]] == [10, 20]
+        (_, at_10), (_, at_20) = model["valid_loss"]
+        assert at_20 < at_10  # both models learn (BLEU after 20 updates says little)
     table = (work / "results.md").read_text()
     assert "| LayerNorm |" in table and "| PowerNorm |" in table
     assert table in proc.stdout
