@@ -56,6 +56,29 @@ def second_derivatives(norm, batches, cols):
 KINDS = ["paper", "official", "vanilla", "batch"]
 
 
+class Net(torch.nn.Module):
+    """A linear layer, then a PowerNorm and a MaskedBatchNorm: what torch DDP wraps below."""
+
+    def __init__(self, sync):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(C, C).double()
+        self.pn = make_norm("paper", sync)
+        self.bn = make_norm("batch", sync)
+
+    def forward(self, x, pad):
+        return self.bn(self.pn(self.lin(x), pad), pad)
+
+
+def train_net(net, batches, cols, lr):
+    """SGD steps on sum(y * dy) over each batch's columns ``cols``."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for x, pad, dy in batches:
+        opt.zero_grad()
+        (net(x[:, cols], pad[cols]) * dy[:, cols]).sum().backward()
+        opt.step()
+
+
 def worker(rank, port, out_dir):
     """Each rank trains on its half of every batch: all kinds with sync, paper without, and
     paper with sync under torch.compile."""
@@ -72,6 +95,11 @@ def worker(rank, port, out_dir):
         norm = make_norm("paper", True)
         grads = train(torch.compile(norm, backend="eager"), make_batches(), cols)
         results["paper-True-compiled"] = {"state": norm.state_dict(), "grads": grads}
+        # inside torch DDP, whose gradient all-reduces (autograd hooks) interleave with the
+        # layers' own all-reduces in the backward pass
+        ddp = torch.nn.parallel.DistributedDataParallel(Net(sync=True), broadcast_buffers=False)
+        train_net(ddp, make_batches(), cols, lr=0.1)
+        results["ddp"] = ddp.module.state_dict()
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -131,3 +159,14 @@ def test_sync_under_torch_compile_trains_as_in_eager(two_workers):
             torch.testing.assert_close(compiled["state"][name], value, rtol=0, atol=0)
         for got, want in zip(compiled["grads"], eager["grads"]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sync_inside_torch_ddp_trains_as_one_worker_on_the_whole_batch(two_workers):
+    # DDP averages the two ranks' gradients, half the whole batch's: one worker at half the
+    # learning rate. (Not half the loss: nu follows the scale of the gradient a layer receives.)
+    single = Net(sync=False)
+    train_net(single, make_batches(), slice(None), lr=0.05)
+    for name, want in single.state_dict().items():
+        for rank in two_workers:
+            torch.testing.assert_close(rank["ddp"][name], want, msg=name)

@@ -78,7 +78,7 @@ def _token_statistics(xc, weights, count, group, passes):
     total = weights @ xc if weights is not None else xc.sum(0)
     if group is not None:
         sums = _global_sum(torch.cat([total, total.new_tensor([count])]), group)
-        total, count = sums[:C], float(sums[C])
+        total, count = sums[:C], float(sums[C].detach())
     if count == 0:
         return None, None, 0.0, None
     mean = total / count
