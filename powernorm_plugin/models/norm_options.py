@@ -170,8 +170,7 @@ def _training_setting(args, section, name):
     config (``<section>.<name>``). None where neither has it."""
     value = getattr(args, name, None)
     if value is None and OmegaConf.is_config(args):
-        root = args._get_root()
-        value = OmegaConf.select(root, f"{section}.{name}") if root is not args else None
+        value = OmegaConf.select(args._get_root(), f"{section}.{name}")
     return value
 
 
@@ -215,7 +214,6 @@ def check_norm_options(args, stacks):
                 )
     stat_stacks = [stack for stack in stacks
                    if any(site_kind(args, stack, site) in FOLDABLE_KINDS for site in ("self", "ff"))]
-    batch_stat = bool(stat_stacks)
     for stack in stat_stacks:
         if _get(args, "powernorm_sync", False) and _get(args, f"{stack}_layerdrop", 0) > 0:
             raise ValueError(
@@ -224,7 +222,7 @@ def check_norm_options(args, stacks):
                 "times as its batch has elements. Ranks then drop different layers, and their "
                 "all-reduces of the statistics would pair different layers; use one of the two"
             )
-    if batch_stat and _get(args, "checkpoint_activations", False):
+    if stat_stacks and _get(args, "checkpoint_activations", False):
         flag = ("--offload-activations (which checkpoints activations)"
                 if _get(args, "offload_activations", False) else "--checkpoint-activations")
         raise ValueError(
