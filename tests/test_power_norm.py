@@ -1,6 +1,7 @@
 """PowerNorm against a float64 transcription of its equations, and its contracts."""
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -582,7 +583,9 @@ def test_backward_runs_once_per_graph_and_is_not_differentiated_twice(backend, m
     ref = copy.deepcopy(pn)
     y = pn(x.clone().requires_grad_(True), pad)
     y.backward(dy)
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("error")  # not the warning of a second pass that does run
         y.backward(dy)
     # an input changed in place between the call and its backward is caught
     xg = x.clone().requires_grad_(True)
@@ -604,6 +607,39 @@ def test_backward_runs_once_per_graph_and_is_not_differentiated_twice(backend, m
     torch.testing.assert_close(pn.running_nu, ref.running_nu, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="differentiate twice|differentiable once"):
         grads[0].sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["paper", "official", "vanilla"])
+@pytest.mark.parametrize("backend", ["native", "native-python", "eager"])
+def test_a_second_backward_pass_through_one_call_warns_where_it_is_not_additive(
+        backend, mode, monkeypatch):
+    """The paper's backward subtracts nu * x_hat whatever gradient comes in and moves nu, so
+    two backward passes through one call (retain_graph=True) are not one pass of the summed
+    gradient: that warns. PN-V's exact gradient adds up, and does not warn."""
+    backend = layer_backend(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    x, pad, dy = random_batch(gen, dtype=torch.float32)
+    pn = PowerNorm(C, mode=mode, backend=backend)
+    for _ in range(2):  # a nonzero nu
+        pn(x.clone().requires_grad_(True), pad).backward(dy)
+    once, twice = copy.deepcopy(pn), pn
+    xo = x.clone().requires_grad_(True)
+    once(xo, pad).backward(2 * dy)
+    xt = x.clone().requires_grad_(True)
+    y = twice(xt, pad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y.backward(dy, retain_graph=True)
+    if mode == "vanilla":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y.backward(dy)
+        torch.testing.assert_close(xt.grad, xo.grad)
+    else:
+        with pytest.warns(UserWarning, match="second backward pass through one training call"):
+            y.backward(dy)
+        assert not torch.allclose(xt.grad, xo.grad, atol=1e-3)
+        assert not torch.allclose(twice.running_nu, once.running_nu, atol=1e-6)
 
 
 class Doubled(torch.nn.Module):

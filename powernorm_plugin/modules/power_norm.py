@@ -28,6 +28,7 @@ Modes:
 """
 import math
 import types
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -175,7 +176,10 @@ class PowerNormFunction(torch.autograd.Function):
     @once_differentiable  # the paper's backward has no derivative of its own
     def backward(ctx, dy):
         cfg, k = ctx.cfg, ctx.cfg.kernels
-        x, w, inv, *saved = ctx.saved_tensors
+        x, w, inv, *saved = ctx.saved_tensors  # (raises where the graph was freed)
+        if getattr(ctx, "applied", False) and cfg.mode != "vanilla":
+            warnings.warn(_second_backward(cfg.name))
+        ctx.applied = True
         r = saved.pop(0) if ctx.has_r else None
         dx, grad_w, grad_b, new_nu = _step_math(_backward_math, cfg, ctx.group)(
             k.passes, dy.contiguous(), x, r, ctx.weights, ctx.count, ctx.rows, w, inv,
@@ -358,6 +362,15 @@ def _native_step_under_compile():
 def _not_finite(name, when):
     return (f"{name}: the batch statistic psi_B^2 {when}is not finite (the input holds NaN or "
             "Inf, or z^2 overflowed); its running statistics were left unchanged")
+
+
+def _second_backward(name):
+    # The paper's backward subtracts nu * x_hat from the incoming gradient and moves nu, so a
+    # second pass does both again (PN-V's exact gradient has no such term).
+    return (f"{name}: a second backward pass through one training call (retain_graph=True). "
+            "Its running nu moves again, and in the paper's and the authors' modes the "
+            "gradients of separate backward passes do not add up to those of their summed loss: "
+            "sum the losses and call backward() once")
 
 
 def _as(tensor, dtype):

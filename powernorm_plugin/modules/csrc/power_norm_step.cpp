@@ -184,6 +184,17 @@ variable_list backward_step(const Tensor& dy_or_undefined, BackwardInputs in) {
   return out;
 }
 
+// The paper's backward subtracts nu * x_hat from the incoming gradient and moves nu: a
+// second backward pass through one call does both again, so separate passes of two losses do
+// not add up to one pass of their sum. (PN-V's exact gradient has no such term.)
+void warn_second_backward() {
+  TORCH_WARN(
+      "PowerNorm: a second backward pass through one training call (retain_graph=True). "
+      "Its running nu moves again, and in the paper's and the authors' modes the gradients of "
+      "separate backward passes do not add up to those of their summed loss: sum the losses "
+      "and call backward() once");
+}
+
 // The backward of one training call, written as torch's generated backward functions are: a
 // Node that keeps what the backward reads as members. (A torch::autograd::Function keeps it in
 // a map keyed by strings, and wraps its outputs through general code for views, in-place
@@ -202,6 +213,7 @@ struct PowerNormBackward : public torch::autograd::Node {
   double alpha_bkw = 0;
   // the parameters' dtypes (Undefined: no such parameter), which their gradients take
   at::ScalarType weight_dtype = at::ScalarType::Undefined, bias_dtype = at::ScalarType::Undefined;
+  bool applied = false;  // a backward pass has run (a second one: retain_graph=True)
 
   std::string name() const override { return "PowerNormBackward"; }
 
@@ -216,10 +228,12 @@ struct PowerNormBackward : public torch::autograd::Node {
   // grads: dL/dy. Returns dL/dx, dL/dweight, dL/dbias (undefined for an absent parameter).
   variable_list apply(variable_list&& grads) override {
     // (x.unpack() raises where the graph was freed by an earlier backward)
-    return backward_step(
-        grads[0], {x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq, inv_b,
-                   inv, running_nu, mode, groups, count.toInt(), alpha_bkw, weight_dtype,
-                   bias_dtype});
+    BackwardInputs in{x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq,
+                      inv_b, inv, running_nu, mode, groups, count.toInt(), alpha_bkw,
+                      weight_dtype, bias_dtype};
+    if (applied && mode != kVanilla) warn_second_backward();
+    applied = true;
+    return backward_step(grads[0], std::move(in));
   }
 
 #if POWERNORM_COMPILED_AUTOGRAD
