@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA device, in one run (about 5-8 minutes on a 16-core host, most
+# of it building the CUDA kernels once):
+#   1. build the native library with its CUDA kernels, and report the device;
+#   2. tests/test_cuda.py (it reruns its native tests with POWERNORM_CUDA_MERGED_FINISH=1);
+#   3. norm_speed.py on the GPU, fp32 and bf16, with the separate finish kernels and then with
+#      the merged finish (benchmarks/README.md, section "GPU").
+# Each step's full output goes to OUTDIR/<step>.log; the end of each is printed. Exit status:
+# 0 where every step passed.
+#
+# usage: benchmarks/gpu_check.sh [OUTDIR]      (default: gpu_check; PYTHON= picks python)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu_check}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=()
+
+step() {  # step NAME TAIL_LINES COMMAND...
+  local name=$1 lines=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name: $*"
+  "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  tail -n "$lines" "$out/$name.log" | grep -v -e '^USDT:' -e '^INFO:'
+  echo "== $name: exit status $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || failed+=("$name")
+}
+
+if ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_check: $py's torch sees no CUDA device" >&2
+  exit 2
+fi
+
+step build 20 "$py" - <<'EOF'
+import logging, time, torch
+from powernorm_plugin.modules import native_kernels
+logging.basicConfig(level=logging.INFO)
+warned = []
+logging.getLogger(native_kernels.__name__).addFilter(lambda r: warned.append(r) or True)
+start = time.time()
+native_kernels.load_library()
+print(torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(),
+      "target", native_kernels.cuda_target(), f"loaded in {time.time() - start:.0f} s")
+if any(r.levelno >= logging.WARNING for r in warned):
+    raise SystemExit("the CUDA kernels did not build")
+EOF
+step test_cuda 15 "$py" -m pytest -q -rs tests/test_cuda.py
+speed=("$py" benchmarks/norm_speed.py --device cuda --backends native --rounds 10 --launches)
+step speed_fp32 60 "${speed[@]}"
+step speed_bf16 30 "${speed[@]}" --dtype bfloat16
+step speed_fp32_merged 60 env POWERNORM_CUDA_MERGED_FINISH=1 "${speed[@]}"
+step speed_bf16_merged 30 env POWERNORM_CUDA_MERGED_FINISH=1 "${speed[@]}" --dtype bfloat16
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: failed: ${failed[*]} (logs in $out)"
+  exit 1
+fi
+echo "gpu_check: every step passed (logs in $out)"
