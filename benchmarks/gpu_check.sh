@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA device, in one run (about 5-8 minutes on a 16-core host, most
-# of it building the CUDA kernels once):
+# Every check that needs a CUDA device, in one run (several minutes, most of it building the
+# CUDA kernels once; not yet timed on a GPU):
 #   1. build the native library with its CUDA kernels, and report the device;
 #   2. tests/test_cuda.py (it reruns its native tests with POWERNORM_CUDA_MERGED_FINISH=1);
 #   3. norm_speed.py on the GPU, fp32 and bf16, with the separate finish kernels and then with
