@@ -158,14 +158,21 @@ def test_low_precision_and_flat_views():
     flat.mul_(2.5)
     proj.project_()
     assert torch.allclose(proj.norms(), t0, rtol=1e-6)
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
         x = torch.randn(16, 16).to(dtype)
         p = NormProjector([[x]], ["x"])
         x.mul_(2)
         p.project_()
         assert x.dtype == dtype
-        tol = 2e-3 if dtype == torch.float16 else 1e-2
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-6}[dtype]
         assert p.norms()[0].item() == pytest.approx(p.targets[0].item(), rel=tol)
+    # a group of float64 and float32 tensors together (a model partly in float64)
+    a, b = torch.randn(5, 5, dtype=torch.float64), torch.randn(7)
+    p = NormProjector([[a, b]], ["ab"])
+    a.mul_(3), b.mul_(3)
+    p.project_()
+    assert math.hypot(a.norm().item(), b.norm().item()) == pytest.approx(
+        p.targets[0].item(), rel=1e-6)
 
 
 def test_multi_tensor_ops_no_per_parameter_python_loop(monkeypatch):

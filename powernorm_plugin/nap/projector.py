@@ -14,10 +14,14 @@ _HAS_FOREACH_NORM_DTYPE = True
 
 
 def _foreach_norm_fp32(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """2-norms of ``tensors`` computed in float32, stacked into one vector."""
+    """2-norms of ``tensors`` as one float32 vector, accumulated in float32 (in float64 for
+    float64 tensors, which torch will not narrow)."""
     global _HAS_FOREACH_NORM_DTYPE
     if not tensors:
         return torch.zeros(0)
+    if any(t.dtype == torch.float64 for t in tensors):
+        wide = [t if t.dtype == torch.float64 else t.float() for t in tensors]
+        return torch.stack([n.float() for n in torch._foreach_norm(wide, 2)])
     if _HAS_FOREACH_NORM_DTYPE:
         try:
             return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
