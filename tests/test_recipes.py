@@ -271,6 +271,32 @@ def test_verify_accepts_complete_archives_and_rejects_truncated_ones(tmp_path):
             arc.list_members(p)
 
 
+def test_a_damaged_byte_anywhere_in_the_compressed_data_is_reported(tmp_path):
+    """A flipped byte may leave the tar headers readable and the members' data plausible:
+    the gzip checksum at the end of the stream, or zlib's own check, must still catch it,
+    as an ArchiveError with the remedy for where the file came from."""
+    spec = RECIPES["iwslt14_de_en"].archives[0]
+    path = make_iwslt14(str(tmp_path), train=50)
+    data = open(path, "rb").read()
+    causes = set()
+    for i in range(len(data) // 5, len(data) - 10, len(data) // 150):
+        damaged = bytearray(data)
+        damaged[i] ^= 0x55
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(arc.ArchiveError, match="truncated or corrupt") as caught:
+            arc.list_members(path)
+        causes.add(type(caught.value.__cause__).__name__)
+    assert {"error", "BadGzipFile"} <= causes  # zlib.error; the gzip checksum at the end
+    with pytest.raises(arc.ArchiveError, match="replace it with a good copy from http"):
+        arc.fetch(spec, str(tmp_path / "downloads"), archive_dir=str(tmp_path))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    os.replace(path, downloads / spec.filename)
+    with pytest.raises(arc.ArchiveError, match="delete it, and the next run downloads it again"):
+        arc.fetch(spec, str(downloads))
+
+
 def test_verify_rejects_wrong_checksum_and_missing_members(tmp_path):
     path = make_ptb(str(tmp_path))
     spec = RECIPES["ptb"].archives[0]

@@ -18,6 +18,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,18 @@ def list_members(path: str) -> List[str]:
                     while src.read(_CHUNK):
                         pass
                     names.append(_normalize(info.name))
+            # read the compressed stream to its end, where gzip, bz2 and xz keep the checksum
+            # of everything decompressed (the members end before it)
+            while tf.fileobj.read(_CHUNK):
+                pass
         return names
     except ArchiveError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    # (zlib.error: a damaged deflate stream inside an intact gzip or zip container)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
+            ValueError) as exc:
         raise ArchiveError(
-            f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-            "delete it and download it again"
+            f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -100,13 +106,13 @@ def verify(path: str, spec: ArchiveSpec, expected_sha256: Optional[str] = None) 
     if not os.path.isfile(path):
         raise ArchiveError(f"{path} does not exist")
     if os.path.getsize(path) == 0:
-        raise ArchiveError(f"{path} is empty; delete it and download it again")
+        raise ArchiveError(f"{path} is empty")
     digest = sha256sum(path)
     expected = (expected_sha256 or spec.sha256 or "").lower()
     if expected and digest != expected:
         raise ArchiveError(
             f"{path} has SHA-256 {digest}, expected {expected}: it is not the canonical "
-            f"{spec.filename} (or it is damaged); delete it and download it again"
+            f"{spec.filename} (or it is damaged)"
         )
     present = set(list_members(path))
     missing = [m for m in spec.members if _normalize(m) not in present]
@@ -163,17 +169,27 @@ def fetch(
                 f"--archives {archive_dir} holds no {spec.filename}; download it from "
                 + " or ".join(spec.urls)
             )
-        return path, verify(path, spec, expected_sha256)
+        return path, _verified(path, spec, expected_sha256,
+                               "replace it with a good copy from " + " or ".join(spec.urls))
     os.makedirs(download_dir, exist_ok=True)
     path = os.path.join(download_dir, spec.filename)
     if not os.path.isfile(path):
         download(spec, path)
         try:
             return path, verify(path, spec, expected_sha256)
-        except ArchiveError:
+        except ArchiveError as exc:
             os.remove(path)
-            raise
-    return path, verify(path, spec, expected_sha256)
+            raise ArchiveError(f"{exc}; the download was deleted") from exc
+    return path, _verified(path, spec, expected_sha256,
+                           "delete it, and the next run downloads it again")
+
+
+def _verified(path: str, spec: ArchiveSpec, expected_sha256: Optional[str], remedy: str) -> str:
+    """:func:`verify`, its error ending with what to do about the file."""
+    try:
+        return verify(path, spec, expected_sha256)
+    except ArchiveError as exc:
+        raise ArchiveError(f"{exc}; {remedy}") from exc
 
 
 def extract(path: str, members: Mapping[str, str]) -> None:
