@@ -28,7 +28,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "powernorm-user-dir=powernorm_plugin.__main__:main",
+            "powernorm-user-dir=powernorm_plugin.__main__:print_user_dir",
         ],
     },
 )

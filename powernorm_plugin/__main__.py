@@ -1,4 +1,5 @@
-"""``python -m powernorm_plugin --user-dir`` prints the folder to give ``--user-dir``."""
+"""``python -m powernorm_plugin --user-dir`` (or the ``powernorm-user-dir`` command) prints the
+folder to give fairseq's ``--user-dir``."""
 import argparse
 import os
 import sys
@@ -16,9 +17,8 @@ def main(argv=None):
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     args = parser.parse_args(argv)
-    here = os.path.dirname(os.path.abspath(__file__))
     if args.user_dir:
-        print(here)
+        return print_user_dir()
     elif args.version:
         from . import __version__
 
@@ -26,6 +26,12 @@ def main(argv=None):
     else:
         parser.print_help()
         return 2
+    return 0
+
+
+def print_user_dir():
+    """The ``powernorm-user-dir`` command: print the folder to give fairseq's ``--user-dir``."""
+    print(os.path.dirname(os.path.abspath(__file__)))
     return 0
 
 

@@ -20,6 +20,31 @@ def test_user_dir_command_prints_the_package_folder():
     assert os.path.isfile(os.path.join(path, "__init__.py"))
 
 
+def _setup_keyword(name):
+    """The literal value of keyword ``name`` in setup.py's setup() call."""
+    import ast
+
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+        setup_call = next(node for node in ast.walk(ast.parse(f.read()))
+                          if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    return ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == name))
+
+
+def test_console_script_prints_the_package_folder(capsys):
+    # what the installed `powernorm-user-dir` runs: the entry point's function, called
+    # without arguments
+    import importlib
+
+    import powernorm_plugin
+
+    (script,) = _setup_keyword("entry_points")["console_scripts"]
+    name, target = (part.strip() for part in script.split("="))
+    module, function = target.split(":")
+    assert name == "powernorm-user-dir"
+    assert getattr(importlib.import_module(module), function)() in (0, None)
+    assert capsys.readouterr().out.strip() == powernorm_plugin.USER_DIR
+
+
 @pytest.mark.slow
 def test_fairseq_user_dir_registers_architectures_and_optimizers(user_dir):
     code = f"""
@@ -80,17 +105,11 @@ print("ok")
 
 def test_installed_package_carries_every_source_the_native_library_builds_from():
     # a non-editable install builds the native library from the installed csrc/ folder
-    import ast
     import fnmatch
 
     from powernorm_plugin.modules import native_kernels
 
-    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
-        setup_call = next(node for node in ast.walk(ast.parse(f.read()))
-                          if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
-    package_data = ast.literal_eval(next(k.value for k in setup_call.keywords
-                                         if k.arg == "package_data"))
-    patterns = package_data["powernorm_plugin.modules"]
+    patterns = _setup_keyword("package_data")["powernorm_plugin.modules"]
     modules_dir = os.path.dirname(native_kernels.__file__)
     for path in native_kernels.SOURCES + native_kernels.HEADERS + [native_kernels.CUDA_SOURCE]:
         assert os.path.isfile(path), path
