@@ -424,6 +424,18 @@ def test_plot_command_makes_a_png(nap_vs_adam, tmp_path):
     assert head == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("lo, hi", [(1 - 3e-7, 1 + 2e-7), (0.9999, 1.00001), (0, 400),
+                                     (2e-4, 9e-4), (1.0, 1.0)])
+def test_plot_axis_labels_tell_the_ticks_apart(lo, hi):
+    # under NaP the norm ratio stays within 1e-6 of 1: six digits would label every tick "1"
+    from powernorm_plugin.cli.plot_nap import _nice_ticks, _tick_labels
+
+    ticks = _nice_ticks(lo, hi)
+    labels = _tick_labels(ticks)
+    assert len(ticks) >= 2 and len(set(labels)) == len(labels)
+    assert [float(label.replace("E", "e")) for label in labels] == pytest.approx(ticks, rel=1e-12)
+
+
 @pytest.mark.slow
 def test_fairseq_train_resume_restores_nap_state(data_bin, tmp_path):
     """2N updates in one run vs N updates, a checkpoint, and N more (with NaP).

@@ -65,14 +65,24 @@ def _nice_ticks(lo, hi, n=5):
     return out
 
 
-def _fmt(v):
+def _fmt(v, digits=6):
     if v == 0:
         return "0"
     a = abs(v)
     if 1e-3 <= a < 1e5:
-        s = f"{v:.6g}"
-        return s
-    return f"{v:.0e}".replace("e-0", "E-").replace("e+0", "E").replace("e", "E")
+        return f"{v:.{digits}g}"
+    return f"{v:.{digits - 6 if digits > 6 else 0}e}".replace("e-0", "E-").replace(
+        "e+0", "E").replace("e", "E")
+
+
+def _tick_labels(ticks):
+    """Labels for ``ticks`` with as few digits as keep them apart (under NaP the norm ratio
+    stays within 1e-6 of 1, where six digits would label every tick "1")."""
+    for digits in range(6, 17):
+        labels = [_fmt(t, digits) for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 class Panel:
@@ -93,10 +103,10 @@ class Panel:
         c = self.c
         grey, light = (0, 0, 0), (225, 225, 225)
         (a, b), (lo, hi) = self.xlim, self.ylim
-        for t in _nice_ticks(a, b):
+        xt = _nice_ticks(a, b)
+        for t, lab in zip(xt, _tick_labels(xt)):
             X, _ = self.px(t, 10**lo if self.log else lo)
             c.line(X, self.y0, X, self.y1, light, 1)
-            lab = _fmt(t)
             c.text(X - c.text_width(lab) / 2, self.y1 + 8, lab)
         if self.log:
             yt = []
@@ -107,10 +117,9 @@ class Panel:
                         yt.append(v)
         else:
             yt = _nice_ticks(lo, hi)
-        for t in yt:
+        for t, lab in zip(yt, _tick_labels(yt)):
             _, Y = self.px(a, t)
             c.line(self.x0, Y, self.x1, Y, light, 1)
-            lab = _fmt(t)
             c.text(self.x0 - 8 - c.text_width(lab), Y - 7, lab)
         c.line(self.x0, self.y0, self.x1, self.y0, grey, 2)
         c.line(self.x0, self.y1, self.x1, self.y1, grey, 2)
