@@ -7,6 +7,7 @@ script, then trained and evaluated for a few updates of a tiny model.
 """
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -253,6 +254,13 @@ def test_atomic_stage_leaves_nothing_behind_on_failure_and_skips_when_done(tmp_p
     assert run_stage(target, "demo", lambda tmp: open(os.path.join(tmp, "ok"), "w").close())
     assert os.listdir(target) == ["ok"]
     assert not run_stage(target, "demo", fail)  # finished: skipped, not rebuilt
+    # a stage built with settings is skipped for the same ones, and refused for others
+    built = str(tmp_path / "built")
+    assert run_stage(built, "demo", lambda tmp: None, settings={"--size": 150, "--sample": 0})
+    assert not run_stage(built, "demo", fail, settings={"--size": 150, "--sample": 0})
+    with pytest.raises(ValueError, match=r"built was built with --size 150 \(asked for now: 200\): "
+                                         "use another --workdir"):
+        run_stage(built, "demo", fail, settings={"--size": 200, "--sample": 0})
     with pytest.raises(FileExistsError):
         with atomic_dir(target):
             pass
@@ -374,10 +382,62 @@ def test_train_command_carries_the_authors_settings_and_scales_the_batch(tmp_pat
     assert _flag(lm, "--decoder-norm-self") == "batch" and "--allow-noncausal-decoder-norm" in lm
     assert _flag(lm, "--optimizer") == "nap_nag" and _flag(lm, "--update-freq") == "24"
     assert "--allow-noncausal-decoder-norm" not in train_command("ptb", work, "pn", gpus=0)
+    # one GPU means one worker, whatever the machine has (fairseq's default: every GPU)
+    assert _flag(argv, "--distributed-world-size") == "1" and "--ddp-backend" not in argv
+    assert "--distributed-world-size" not in nap
     with pytest.raises(ValueError, match="--norm"):
         train_command("ptb", work, "rms", gpus=0)
     with pytest.raises(FileNotFoundError, match="prepare"):
         train_command("ptb", str(tmp_path / "elsewhere"), "pn", gpus=0)
+
+
+def test_a_batch_other_than_the_authors_is_a_warning(tmp_path, caplog):
+    from powernorm_plugin.recipes.run import train_command
+
+    (tmp_path / "data-bin").mkdir()
+    with caplog.at_level(logging.INFO, logger="powernorm_plugin.recipes.run"):
+        train_command("iwslt14_de_en", str(tmp_path), "ln", gpus=1)
+        train_command("wmt14_en_de", str(tmp_path), "ln", gpus=8, max_tokens=2048)
+        train_command("iwslt14_de_en", str(tmp_path), "ln", gpus=2)
+        train_command("wmt14_en_de", str(tmp_path), "ln", gpus=8, update_freq=1)
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in levels] == [logging.INFO] * 2 + [logging.WARNING] * 2
+    assert "8192 tokens per update (2 worker(s) x 4096 tokens x update-freq 1); authors: 4096" in (
+        levels[2][1]) and "not the authors' batch" in levels[2][1]
+    assert "32768 tokens per update" in levels[3][1]
+
+
+def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch, caplog):
+    # fairseq keeps no early-stopping count in its checkpoints: resuming a finished training
+    # would train --patience more epochs and change the checkpoints that get averaged
+    from powernorm_plugin.recipes import fairseq_run
+    from powernorm_plugin.recipes.run import TRAINING_DONE, train
+
+    (tmp_path / "data-bin").mkdir()
+    runs = []
+
+    def fake_train(argv, log_path=None):
+        runs.append(list(argv))
+        if "--fail" in argv:
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(fairseq_run, "train", fake_train)
+    done = tmp_path / "checkpoints" / "pn" / TRAINING_DONE
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train("ptb", str(tmp_path), "pn", gpus=0, extra=["--fail"])
+    assert not done.exists()  # an interrupted training resumes on the next run
+    argv = train("ptb", str(tmp_path), "pn", gpus=0)
+    assert len(runs) == 2 and json.loads(done.read_text())["argv"] == argv
+    with caplog.at_level(logging.INFO, logger="powernorm_plugin.recipes.run"):
+        train("ptb", str(tmp_path), "pn", gpus=0)
+        train("ptb", str(tmp_path), "pn", gpus=0, extra=["--max-epoch", "99"])
+    assert len(runs) == 2
+    skipped = [r for r in caplog.records if "finished already" in r.getMessage()]
+    assert [r.levelno for r in skipped] == [logging.INFO, logging.WARNING]
+    assert "other arguments than these, which are not applied" in skipped[1].getMessage()
+    done.unlink()  # to train on
+    train("ptb", str(tmp_path), "pn", gpus=0, extra=["--max-epoch", "99"])
+    assert len(runs) == 3
 
 
 def _record(recipe, norm, nap, value):
@@ -469,13 +529,32 @@ def test_iwslt14_recipe_prepares_trains_and_evaluates_offline(tmp_path):
     before = {p: os.path.getmtime(work / p) for p in ("raw", "tok", "bpe", "data-bin")}
     from powernorm_plugin.recipes.prepare import prepare
 
-    prepare("iwslt14_de_en", str(work), archive_dir=str(archives))
+    prepare("iwslt14_de_en", str(work), archive_dir=str(archives), bpe_size=150)
+    assert before == {p: os.path.getmtime(work / p) for p in before}
+    # ... and refuses to skip stages that were built from other archives or settings
+    with pytest.raises(ValueError, match=r"bpe was built with --bpe-size 150 \(asked for now: 200\)"):
+        prepare("iwslt14_de_en", str(work), archive_dir=str(archives), bpe_size=200)
+    with pytest.raises(arc.ArchiveError, match="--sha256 de-en.tgz=0{64}, but .* was extracted "
+                                               "from a de-en.tgz with SHA-256 [0-9a-f]{64}"):
+        prepare("iwslt14_de_en", str(work), sha256={"de-en.tgz": "0" * 64}, bpe_size=150)
+    other = tmp_path / "other"
+    other.mkdir()
+    make_iwslt14(str(other), train=20)
+    with pytest.raises(arc.ArchiveError, match="is not the de-en.tgz that .* was extracted from"):
+        prepare("iwslt14_de_en", str(work), archive_dir=str(other), bpe_size=150)
     assert before == {p: os.path.getmtime(work / p) for p in before}
 
     run_script("iwslt14_de_en", "train", "--workdir", str(work), "--norm", "pn", "--gpus", "0",
                "--max-tokens", "1024", "--", *TINY_TRANSLATION, cwd=tmp_path)
     assert (work / "checkpoints" / "pn" / "checkpoint2.pt").exists()
     assert "valid on 'valid' subset" in (work / "checkpoints" / "pn" / "train.log").read_text()
+    # a re-run does not resume the finished training
+    last = work / "checkpoints" / "pn" / "checkpoint_last.pt"
+    before = (last.read_bytes(), (work / "checkpoints" / "pn" / "train.log").read_text())
+    out = run_script("iwslt14_de_en", "train", "--workdir", str(work), "--norm", "pn", "--gpus", "0",
+                     "--max-tokens", "1024", "--", *TINY_TRANSLATION, cwd=tmp_path)
+    assert "its training finished already" in out and "+ fairseq-train" not in out
+    assert before == (last.read_bytes(), (work / "checkpoints" / "pn" / "train.log").read_text())
     out = run_script("iwslt14_de_en", "evaluate", "--workdir", str(work), "--norm", "pn", "--gpus", "0",
                      "--num-checkpoints", "2", cwd=tmp_path)
     assert "| IWSLT14 de-en | Pre-norm PN |" in out

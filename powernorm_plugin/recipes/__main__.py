@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-args", default="",
                    help="extra arguments for fairseq-generate / fairseq-eval-lm, as one string")
     p.add_argument("--force", action="store_true",
-                   help="retrain and re-evaluate variants that already have a result file")
+                   help="re-evaluate variants that already have a result file (a finished "
+                        "training is not run again while its training_done.json exists)")
 
     p = sub.add_parser("table", help="print the paper-style table of result files")
     p.add_argument("results", nargs="+", help="results/<variant>.json files of one or more recipes")

@@ -226,6 +226,31 @@ def _binarize_lm(workdir: str, folder: str, workers: int) -> None:
     shutil.copy(os.path.join(raw, "manifest.json"), os.path.join(folder, "manifest.json"))
 
 
+def _check_archives(raw: str, recipe: Recipe, archive_dir: Optional[str],
+                    sha256: Mapping[str, str]) -> None:
+    """On a re-run: the archives that ``--sha256`` and ``--archives`` name must be the ones
+    the finished ``raw/`` stage was extracted from (by the SHA-256 and the sizes that its
+    manifest records)."""
+    with open(os.path.join(raw, "manifest.json"), encoding="utf-8") as f:
+        used = json.load(f)["archives"]
+    remedy = f"use another --workdir, or delete {raw} and the stages after it"
+    for filename, digest in sha256.items():
+        if filename not in used:
+            raise ValueError(f"--sha256 names {filename}, which this recipe does not use (it "
+                             f"uses {', '.join(sorted(used))})")
+        recorded = used[filename]["sha256"]
+        if recorded != digest:
+            raise arc.ArchiveError(f"--sha256 {filename}={digest}, but {raw} was extracted from "
+                                   f"a {filename} with SHA-256 {recorded}: {remedy}")
+    for spec in recipe.archives if archive_dir is not None else ():
+        path = os.path.join(archive_dir, spec.filename)
+        recorded = used.get(spec.filename, {}).get("bytes")
+        if os.path.isfile(path) and os.path.getsize(path) != recorded:
+            raise arc.ArchiveError(
+                f"{path} ({os.path.getsize(path)} bytes) is not the {spec.filename} that {raw} "
+                f"was extracted from ({recorded} bytes): {remedy}")
+
+
 def prepare(
     name: str,
     workdir: str,
@@ -254,6 +279,8 @@ def prepare(
             _raw_lm(recipe, tmp, fetched)
         _write_manifest(tmp, recipe.name, fetched)
 
+    if os.path.isdir(raw):
+        _check_archives(raw, recipe, archive_dir, sha256 or {})
     run_stage(raw, "extract", build_raw)
     databin = os.path.join(workdir, "data-bin")
     if recipe.kind == "translation":
@@ -262,7 +289,8 @@ def prepare(
         run_stage(tok, "tokenize", lambda tmp: _tokenize_translation(
             recipe, raw, tmp, workers, valid_every, max_len))
         run_stage(os.path.join(workdir, "bpe"), "bpe", lambda tmp: _bpe_translation(
-            recipe, tok, tmp, bpe_size or recipe.bpe_size, workers, bpe_sample))
+            recipe, tok, tmp, bpe_size or recipe.bpe_size, workers, bpe_sample),
+            settings={"--bpe-size": bpe_size or recipe.bpe_size, "--bpe-sample": bpe_sample})
         run_stage(databin, "binarize", lambda tmp: _binarize_translation(recipe, workdir, tmp, workers))
     else:
         run_stage(databin, "binarize", lambda tmp: _binarize_lm(workdir, tmp, workers))

@@ -2,7 +2,8 @@
 
 Work-directory layout (besides the data stages of :mod:`.prepare`)::
 
-    checkpoints/<variant>/     fairseq checkpoints and train.log of one variant
+    checkpoints/<variant>/     fairseq checkpoints and train.log of one variant, and
+                               training_done.json once its training has finished
     results/<variant>/         generate-test.txt (translation) of the averaged model
     results/<variant>.json     the variant's figures; results/<variant>.md its table row
 
@@ -12,9 +13,11 @@ self-attention and FFN inputs and its final norm) and LayerNorm throughout the d
 the paper's Table 1 runs; language models put it at every decoder norm.
 """
 import glob
+import json
 import logging
 import math
 import os
+import shlex
 from typing import Dict, List, Optional, Sequence
 
 from . import results as res
@@ -25,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Norm kinds that normalize by the current batch; in a decoder they leak later tokens.
 _NONCAUSAL = ("batch", "power_vanilla")
+
+#: Written into a variant's checkpoint folder when its training has finished.
+TRAINING_DONE = "training_done.json"
 
 
 def _user_dir() -> str:
@@ -87,10 +93,15 @@ def train_command(
         raise ValueError(f"--gpus must be >= 0, got {gpus}")
     max_tokens = max_tokens or recipe.max_tokens
     freq = update_freq or update_freq_for(recipe, gpus, max_tokens)
-    logger.info(
-        "%s %s: %d tokens per update (%d worker(s) x %d tokens x update-freq %d); authors: %s",
-        name, variant, max(gpus, 1) * max_tokens * freq, max(gpus, 1), max_tokens, freq,
-        recipe.reference_hardware,
+    tokens = max(gpus, 1) * max_tokens * freq
+    logger.log(
+        logging.INFO if tokens == recipe.tokens_per_update else logging.WARNING,
+        "%s %s: %d tokens per update (%d worker(s) x %d tokens x update-freq %d); authors: %d "
+        "(%s)%s", name, variant, tokens, max(gpus, 1), max_tokens, freq,
+        recipe.tokens_per_update, recipe.reference_hardware,
+        "" if tokens == recipe.tokens_per_update else
+        ": not the authors' batch, which their learning rate and warm-up were tuned for (choose "
+        "--max-tokens and --update-freq so that workers x max-tokens x update-freq matches)",
     )
     argv = [databin(workdir), "--user-dir", _user_dir(), "--arch", recipe.arch]
     argv += norm_flags(recipe, norm)
@@ -103,15 +114,23 @@ def train_command(
     argv += ["--max-tokens", str(max_tokens), "--update-freq", str(freq)]
     if gpus == 0:
         argv += ["--cpu"]
-    elif gpus > 1:
-        argv += ["--distributed-world-size", str(gpus), "--ddp-backend", "legacy_ddp"]
+    else:  # fairseq would otherwise start a worker on every visible GPU
+        argv += ["--distributed-world-size", str(gpus)]
+        if gpus > 1:
+            argv += ["--ddp-backend", "legacy_ddp"]
     argv += ["--save-dir", os.path.join(workdir, "checkpoints", variant),
              "--log-format", "simple", "--log-interval", str(log_interval)]
     return argv + list(extra)
 
 
 def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool = False, **kwargs) -> List[str]:
-    """Train a variant (resuming from its last checkpoint, as fairseq-train does)."""
+    """Train a variant: an interrupted training resumes from its last checkpoint (as
+    fairseq-train does), a finished one is not run again.
+
+    fairseq does not keep its early-stopping count in the checkpoints, so resuming a training
+    that stopped early would train at least --patience more epochs; a finished training is
+    recorded in ``training_done.json`` instead, and skipped while that file exists.
+    """
     from . import fairseq_run
 
     argv = train_command(name, workdir, norm, nap, **kwargs)
@@ -119,8 +138,22 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
         fairseq_run._announce("fairseq-train", argv)
         return argv
     save_dir = os.path.join(workdir, "checkpoints", res.variant_name(norm, nap))
+    done = os.path.join(save_dir, TRAINING_DONE)
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            finished = json.load(f)["argv"]
+        logger.log(
+            logging.INFO if finished == argv else logging.WARNING,
+            "%s: its training finished already (%s)%s; delete that file to train on from its "
+            "last checkpoint", save_dir, done,
+            "" if finished == argv else ", with other arguments than these, which are not applied",
+        )
+        return argv
     os.makedirs(save_dir, exist_ok=True)
     fairseq_run.train(argv, log_path=os.path.join(save_dir, "train.log"))
+    with open(done + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"argv": argv, "command": shlex.join(["fairseq-train", *argv])}, f, indent=1)
+    os.replace(done + ".tmp", done)
     return argv
 
 
@@ -222,14 +255,15 @@ def compare(
     eval_kwargs: Optional[Dict] = None,
 ) -> str:
     """Train and evaluate every norm in ``norms`` (skipping variants that have a result
-    file, unless ``force``), then return the paper-style table of their results."""
+    file, unless ``force``; :func:`train` skips a finished training), then return the
+    paper-style table of their results."""
     variants = []
     for norm in norms:
         variant = res.variant_name(norm, nap)
         variants.append(variant)
         done = os.path.join(workdir, "results", variant + ".json")
         if os.path.exists(done) and not force:
-            logger.info("%s: %s exists, not retrained (--force to redo)", variant, done)
+            logger.info("%s: %s exists, not evaluated again (--force to redo)", variant, done)
             continue
         train(name, workdir, norm, nap, **(train_kwargs or {}))
         evaluate(name, workdir, norm, nap, **(eval_kwargs or {}))

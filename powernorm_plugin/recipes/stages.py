@@ -2,13 +2,15 @@
 
 A stage builds its output in ``X.tmp`` and renames it to ``X`` only when it succeeded, so
 an interrupted or failed run leaves no half-written ``X`` behind, and a re-run skips every
-stage whose ``X`` exists.
+stage whose ``X`` exists (and fails where it asks for other settings than ``X`` was built
+with).
 """
 import contextlib
+import json
 import logging
 import os
 import shutil
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +56,40 @@ def atomic_file(path: str, mode: str = "w", encoding: str = "utf-8") -> Iterator
     os.replace(tmp, path)
 
 
-def run_stage(path: str, name: str, build: Callable[[str], None]) -> bool:
+#: A stage's settings (option -> value), kept in its folder to be checked on a re-run.
+SETTINGS = "stage_settings.json"
+
+
+def run_stage(path: str, name: str, build: Callable[[str], None],
+              settings: Optional[Mapping[str, object]] = None) -> bool:
     """Run ``build(tmp_dir)`` as the stage that produces folder ``path``, unless ``path``
-    exists already. Returns True when the stage ran, False when it was skipped."""
+    exists already. Returns True when the stage ran, False when it was skipped.
+
+    ``settings`` (command-line option -> value) are stored with the stage; a re-run that asks
+    for other values fails instead of skipping a stage built with the old ones.
+    """
     if os.path.isdir(path):
+        _check_settings(path, settings or {})
         logger.info("stage %s: done already (%s), skipped", name, path)
         return False
     logger.info("stage %s: building %s", name, path)
     with atomic_dir(path) as tmp:
         build(tmp)
+        if settings:
+            with open(os.path.join(tmp, SETTINGS), "w", encoding="utf-8") as f:
+                json.dump(dict(settings), f, indent=1, sort_keys=True)
     logger.info("stage %s: finished", name)
     return True
+
+
+def _check_settings(path: str, settings: Mapping[str, object]) -> None:
+    stored_path = os.path.join(path, SETTINGS)
+    if not settings or not os.path.isfile(stored_path):
+        return
+    with open(stored_path, encoding="utf-8") as f:
+        stored = json.load(f)
+    differ = [f"{option} {stored[option]} (asked for now: {value})"
+              for option, value in settings.items() if option in stored and stored[option] != value]
+    if differ:
+        raise ValueError(f"{path} was built with {', '.join(differ)}: use another --workdir, or "
+                         "delete that folder and the stages after it to build them again")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train and evaluate several variants of Penn Treebank language modelling (Table 2) and print the paper-style table
-# (ours next to the paper's). Variants with a result file are not rerun (--force reruns them).
+# (ours next to the paper's). Variants with a result file are skipped (--force evaluates them
+# again); a finished training is not run again.
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../common.sh"
 

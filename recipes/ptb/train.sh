@@ -4,7 +4,8 @@
 # Defaults: powernorm_transformer_lm_ptb (4 layers, 512/2048), Adam lr 5e-4, 512-token samples (our
 #   settings: the paper's Tensorized Transformer is not in fairseq).
 # --norm ln|bn|pnv|pn picks the norm (PowerNorm variants sit where the paper puts them); --nap
-# switches to Normalize-and-Project. Re-running resumes from the last checkpoint.
+# switches to Normalize-and-Project. Re-running resumes an interrupted training from its last
+# checkpoint; a finished one (checkpoints/VARIANT/training_done.json) is not run again.
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../common.sh"
 

@@ -4,7 +4,8 @@
 # Defaults: transformer_wmt_en_de_big_t2t, pre-norm, Adam lr 0.003, 8000 warm-up updates, 131072 tokens per
 #   update (the authors' 32 GPUs x 4096; --gpus/--max-tokens/--update-freq scale it).
 # --norm ln|bn|pnv|pn picks the norm (PowerNorm variants sit where the paper puts them); --nap
-# switches to Normalize-and-Project. Re-running resumes from the last checkpoint.
+# switches to Normalize-and-Project. Re-running resumes an interrupted training from its last
+# checkpoint; a finished one (checkpoints/VARIANT/training_done.json) is not run again.
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../common.sh"
 
