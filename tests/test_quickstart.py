@@ -1,5 +1,6 @@
 """Tests of the quickstart (``recipes/quickstart/run.sh``): the synthetic corpus, the curve
 reader, the PNG, and a shortened end-to-end run."""
+import hashlib
 import json
 import os
 import struct
@@ -83,26 +84,98 @@ def test_plot_draws_one_colored_curve_per_model(tmp_path):
         quickstart.plot_curves({"LayerNorm": []}, out)
 
 
-@pytest.mark.slow
-def test_quickstart_runs_end_to_end_and_reports_bleu_and_curves(tmp_path):
+def test_settings_are_recorded_and_a_rerun_with_others_is_refused(tmp_path):
+    work = str(tmp_path / "qs")
+    settings = {"train_pairs": 300, "max_update": 20, "seed": 1}
+    quickstart.check_settings(work, settings)
+    assert json.loads((tmp_path / "qs" / "settings.json").read_text()) == settings
+    quickstart.check_settings(work, dict(settings))  # the same settings: fine
+    with pytest.raises(quickstart.SettingsMismatch) as err:
+        quickstart.check_settings(work, dict(settings, train_pairs=500, max_update=100))
+    msg = str(err.value)
+    assert "--train-pairs 300 (requested: 500)" in msg and "--max-update 20 (requested: 100)" in msg
+    assert "--seed" not in msg and "another --workdir" in msg
+    old = tmp_path / "old"
+    (old / "corpus").mkdir(parents=True)  # made before settings were recorded
+    with pytest.raises(quickstart.SettingsMismatch, match="no settings.json"):
+        quickstart.check_settings(str(old), settings)
+
+
+TINY = ["--train-pairs", "300", "--test-pairs", "40", "--max-update", "20", "--validate-every", "10"]
+
+
+def run_quickstart(work, *args):
     env = dict(os.environ, PYTHON=sys.executable, POWERNORM_BACKEND="eager", OMP_NUM_THREADS="1")
-    work = tmp_path / "qs"
-    proc = subprocess.run(
-        ["bash", os.path.join(REPO, "recipes", "quickstart", "run.sh"), "--workdir", str(work),
-         "--train-pairs", "300", "--test-pairs", "40", "--max-update", "20", "--validate-every", "10"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["bash", os.path.join(REPO, "recipes", "quickstart", "run.sh"), "--workdir", str(work), *args],
+        cwd=os.path.dirname(str(work)), env=env, capture_output=True, text=True, timeout=600)
+
+
+def trained_state(work):
+    """(bytes hash, num_updates) of each model's checkpoint_last.pt."""
+    import torch
+
+    state = {}
+    for norm in ("ln", "pn"):
+        path = work / "checkpoints" / norm / "checkpoint_last.pt"
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        state[norm] = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                       ckpt["optimizer_history"][-1]["num_updates"])
+    return state
+
+
+@pytest.fixture(scope="module")
+def finished_quickstart(tmp_path_factory):
+    """A tiny quickstart run to the end: (work folder, its process, results.json, checkpoints)."""
+    work = tmp_path_factory.mktemp("quickstart") / "qs"
+    proc = run_quickstart(work, *TINY)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    return work, proc, json.loads((work / "results.json").read_text()), trained_state(work)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_reports_bleu_and_curves(finished_quickstart):
+    work, proc, record, state = finished_quickstart
     assert "[quickstart] 3/4 training the PowerNorm transformer" in proc.stderr  # progress
-    record = json.loads((work / "results.json").read_text())
     assert set(record["models"]) == {"ln", "pn"}
     for model in record["models"].values():
         assert 0.0 <= model["bleu"] <= 100.0
         assert [x for x, _ in model["valid_loss"]] == [10, 20]
         (_, at_10), (_, at_20) = model["valid_loss"]
         assert at_20 < at_10  # both models learn (BLEU after 20 updates says little)
+    assert {n: u for n, (_, u) in state.items()} == {"ln": 20, "pn": 20}
     table = (work / "results.md").read_text()
     assert "| LayerNorm |" in table and "| PowerNorm |" in table
     assert table in proc.stdout
     width, height, pixels = read_png(str(work / "valid_loss.png"))
     assert len(pixels) > 3
     assert (work / "corpus" / "train.src").read_text().count("\n") == 300
+
+
+@pytest.mark.slow
+def test_quickstart_rerun_reuses_finished_trainings_and_reports_the_same(finished_quickstart):
+    work, _, record, state = finished_quickstart
+    table = (work / "results.md").read_text()
+    proc = run_quickstart(work, *TINY)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "+ fairseq-train" not in proc.stderr and "+ fairseq-generate" not in proc.stderr
+    assert "finished training in an earlier run" in proc.stderr
+    assert trained_state(work) == state  # checkpoints untouched: no extra update
+    again = json.loads((work / "results.json").read_text())
+    for norm, model in record["models"].items():
+        for key in ("bleu", "sacrebleu", "train_seconds", "valid_loss"):
+            assert again["models"][norm][key] == model[key], (norm, key)
+    assert (work / "results.md").read_text() == table  # final loss and training time too
+
+
+@pytest.mark.slow
+def test_quickstart_rerun_with_other_settings_stops_and_names_them(finished_quickstart):
+    work, _, record, state = finished_quickstart
+    results = (work / "results.json").read_text()
+    proc = run_quickstart(work, *TINY, "--train-pairs", "500", "--max-update", "30")
+    assert proc.returncode == 1
+    assert "--train-pairs 300 (requested: 500)" in proc.stderr
+    assert "--max-update 20 (requested: 30)" in proc.stderr
+    assert "another --workdir" in proc.stderr and "Traceback" not in proc.stderr
+    assert "[quickstart]" not in proc.stderr and "+ fairseq" not in proc.stderr  # at once
+    assert trained_state(work) == state and (work / "results.json").read_text() == results

@@ -7,14 +7,22 @@ trains two 2-layer transformers that differ only in the encoder's norms (LayerNo
 PowerNorm as in the paper's Table 1 runs; LayerNorm in both decoders), translates the test
 set with each, and reports BLEU. Writes ``results.json``, ``results.md`` and
 ``valid_loss.png`` (validation loss against updates for both models) into the work folder.
-Sized for about 10 minutes on 2 CPU cores; every stage logs its progress, and a re-run
-reuses the corpus, the binarized data and finished trainings.
+Sized for about 10 minutes on 2 CPU cores; every stage logs its progress.
+
+A re-run in the same work folder reuses the corpus, the binarized data, the translations
+and every finished training (one with a ``finished.json`` next to its checkpoints, written
+when fairseq-train succeeded: it keeps the training time and validation curve), so it
+rescores to the same figures without training again; an interrupted training resumes from
+its last checkpoint. The folder's ``settings.json`` records the settings it was made with:
+a re-run that asks for other settings stops with an error before doing anything.
+(``seconds`` in ``results.json`` is the time of the run that wrote it.)
 """
 import argparse
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,6 +37,10 @@ VARIANTS = (("ln", "LayerNorm", "layer"), ("pn", "PowerNorm", "power"))
 _VALID = re.compile(r"valid on 'valid' subset \| (.*)$")
 
 
+class SettingsMismatch(ValueError):
+    """A re-run asks for other settings than those its work folder was made with."""
+
+
 def _step(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
@@ -39,6 +51,36 @@ def write_corpus(folder: str, train: int, valid: int, test: int, seed: int) -> N
         pairs = synthetic.corpus(seed * 1000 + offset, count, lex)
         text.write_lines(os.path.join(folder, f"{split}.src"), (p[0] for p in pairs))
         text.write_lines(os.path.join(folder, f"{split}.tgt"), (p[1] for p in pairs))
+
+
+def _write_json(path: str, obj) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def check_settings(workdir: str, settings: Dict) -> None:
+    """Record ``settings`` in ``workdir/settings.json``, or, when the folder has them
+    already, check that they are the same: its corpus and models belong to those settings."""
+    path = os.path.join(workdir, "settings.json")
+    if not os.path.exists(path):
+        made = [n for n in ("corpus", "data-bin", "checkpoints", "results.json")
+                if os.path.lexists(os.path.join(workdir, n))]
+        if made:
+            raise SettingsMismatch(
+                f"{workdir} holds {', '.join(made)} but no settings.json (an older version made "
+                f"it?): its settings are unknown; use another --workdir, or delete {workdir}")
+        os.makedirs(workdir, exist_ok=True)
+        _write_json(path, settings)
+        return
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    differ = [f"--{k.replace('_', '-')} {stored.get(k)} (requested: {v})"
+              for k, v in settings.items() if stored.get(k) != v]
+    if differ:
+        raise SettingsMismatch(
+            f"{workdir} was made with other settings: {'; '.join(differ)}. Its corpus and models "
+            f"belong to those; use another --workdir, or delete {workdir} to start over")
 
 
 def train_args(data: str, save_dir: str, norm_kind: str, max_update: int, validate_every: int,
@@ -110,7 +152,9 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
     import powernorm_plugin
 
     start = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    settings = {"train_pairs": train_pairs, "test_pairs": test_pairs, "max_update": max_update,
+                "validate_every": validate_every, "seed": seed, "beam": beam}
+    check_settings(workdir, settings)
     corpus = os.path.join(workdir, "corpus")
     _step(f"1/4 synthetic parallel corpus: {train_pairs} training pairs -> {corpus}")
     run_stage(corpus, "corpus", lambda tmp: write_corpus(tmp, train_pairs, 300, test_pairs, seed))
@@ -122,46 +166,52 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
         "--testpref", os.path.join(corpus, "test"), "--destdir", tmp, "--joined-dictionary",
     ]))
     refs = text.read_lines(os.path.join(corpus, "test.tgt"))
-    record = {"recipe": "quickstart", "train_pairs": train_pairs, "test_pairs": test_pairs,
-              "max_update": max_update,
-              "models": {}}
+    record = {"recipe": "quickstart", **settings, "models": {}}
     curves = {}
     for i, (norm, label, kind) in enumerate(VARIANTS):
         save_dir = os.path.join(workdir, "checkpoints", norm)
-        os.makedirs(save_dir, exist_ok=True)
-        t0 = time.time()
-        _step(f"3/4 training the {label} transformer ({i + 1}/{len(VARIANTS)}, {max_update} updates; "
-              f"fairseq logs every 50 updates)")
-        log_path = os.path.join(save_dir, "train.log")
-        fairseq_run.train(train_args(data, save_dir, kind, max_update, validate_every,
-                                     powernorm_plugin.USER_DIR), log_path=log_path)
-        train_s = time.time() - t0
+        finished = os.path.join(save_dir, "finished.json")
         out_dir = os.path.join(workdir, "results", norm)
-        _step(f"4/4 translating the test set with the {label} model")
-        fairseq_run.generate([
+        if os.path.exists(finished):
+            _step(f"3/4 the {label} transformer finished training in an earlier run ({finished}): reused")
+        else:
+            os.makedirs(save_dir, exist_ok=True)
+            t0 = time.time()
+            _step(f"3/4 training the {label} transformer ({i + 1}/{len(VARIANTS)}, {max_update} updates; "
+                  f"fairseq logs every 50 updates)")
+            log_path = os.path.join(save_dir, "train.log")
+            fairseq_run.train(train_args(data, save_dir, kind, max_update, validate_every,
+                                         powernorm_plugin.USER_DIR), log_path=log_path)
+            _write_json(finished, {"train_seconds": round(time.time() - t0, 1),
+                                   "valid_loss": valid_curve(log_path)})
+            shutil.rmtree(out_dir, ignore_errors=True)  # translations of an older checkpoint
+        with open(finished, encoding="utf-8") as f:
+            trained = json.load(f)
+        train_s = trained["train_seconds"]
+        _step(f"4/4 the {label} model's translations of the test set: reused ({out_dir})"
+              if os.path.isdir(out_dir) else f"4/4 translating the test set with the {label} model")
+        run_stage(out_dir, f"translate ({label})", lambda tmp: fairseq_run.generate([
             data, "--user-dir", powernorm_plugin.USER_DIR, "--path",
             os.path.join(save_dir, "checkpoint_last.pt"), "--gen-subset", "test", "--cpu",
             "--beam", str(beam), "--batch-size", "128", "--required-batch-size-multiple", "1",
             # a translation is as long as its source: this bound only stops runaway outputs
             "--max-len-a", "1.2", "--max-len-b", "10",
-            "--results-path", out_dir,
-        ])
+            "--results-path", tmp,
+        ]))
         _, _, hyps = scoring.parse_generate(os.path.join(out_dir, "generate-test.txt"))
         if len(hyps) != len(refs):
             raise ValueError(f"{len(hyps)} translations for {len(refs)} test sentences")
         bleu = scoring.tokenized_bleu(hyps, refs)
         sacre, signature = scoring.sacrebleu_score(hyps, refs)
-        curves[label] = valid_curve(log_path)
+        curves[label] = [tuple(p) for p in trained["valid_loss"]]
         record["models"][norm] = {"label": label, "bleu": bleu, "sacrebleu": sacre,
-                                  "sacrebleu_signature": signature, "train_seconds": round(train_s, 1),
+                                  "sacrebleu_signature": signature, "train_seconds": train_s,
                                   "valid_loss": curves[label]}
         _step(f"{label}: BLEU {bleu:.2f} (sacreBLEU {sacre:.2f}), trained in {train_s:.0f} s")
     png = os.path.join(workdir, "valid_loss.png")
     plot_curves(curves, png)
     record["seconds"] = round(time.time() - start, 1)
-    with atomic_file(os.path.join(workdir, "results.json")) as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(os.path.join(workdir, "results.json"), record)
     table = ["| model | BLEU | sacreBLEU | final valid loss | training time |", "|---|---|---|---|---|"]
     for norm, m in record["models"].items():
         final = m["valid_loss"][-1][1] if m["valid_loss"] else None
@@ -170,7 +220,7 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
     with atomic_file(os.path.join(workdir, "results.md")) as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
-    print(f"validation-loss curves: {png}; total time {record['seconds']:.0f} s", flush=True)
+    print(f"validation-loss curves: {png}; this run took {record['seconds']:.0f} s", flush=True)
     return record
 
 
@@ -184,11 +234,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--validate-every", type=int, default=100,
                    help="validate every N updates: the points of the curves (default 100)")
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
+    p.add_argument("--beam", type=int, default=5, help="beam size of the test translations (default 5)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch (default 1: these models are too small to gain "
                         "from more, and one thread does not stall when other work shares the cores)")
     a = p.parse_args(argv)
-    for flag in ("train_pairs", "test_pairs", "max_update", "validate_every", "threads"):
+    for flag in ("train_pairs", "test_pairs", "max_update", "validate_every", "beam", "threads"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
@@ -196,7 +247,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    run(a.workdir, a.train_pairs, a.max_update, a.validate_every, a.seed, test_pairs=a.test_pairs)
+    try:
+        run(a.workdir, a.train_pairs, a.max_update, a.validate_every, a.seed, a.beam, a.test_pairs)
+    except SettingsMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,8 +10,8 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../common.sh"
 for arg in "$@"; do
     case "$arg" in
         -h|--help)
-            echo "usage: recipes/quickstart/run.sh [--workdir DIR] [--train-pairs N] [--max-update N]"
-            echo "       [--validate-every N] [--seed N] [--threads N]"
+            echo "usage: recipes/quickstart/run.sh [--workdir DIR] [--train-pairs N] [--test-pairs N]"
+            echo "       [--max-update N] [--validate-every N] [--seed N] [--beam N] [--threads N]"
             echo
             exec "$PYTHON" -m powernorm_plugin.recipes.quickstart --help ;;
     esac
