@@ -305,6 +305,27 @@ def test_a_damaged_byte_anywhere_in_the_compressed_data_is_reported(tmp_path):
         arc.fetch(spec, str(downloads))
 
 
+def test_every_missing_archive_is_named_at_once(tmp_path):
+    specs = RECIPES["wmt14_en_de"].archives
+    with pytest.raises(arc.ArchiveError) as caught:
+        arc.fetch_all(specs, str(tmp_path / "downloads"), str(tmp_path), {})
+    lines = str(caught.value).splitlines()
+    assert len(lines) == len(specs) == 5
+    for spec, line in zip(specs, lines):
+        assert f"holds no {spec.filename}; download it from {spec.urls[0]}" in line
+
+
+def test_a_failed_tool_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    from powernorm_plugin.recipes.__main__ import main
+
+    (tmp_path / "data-bin").mkdir()
+    (tmp_path / "checkpoints" / "pn").mkdir(parents=True)  # no epoch checkpoints in it
+    assert main(["evaluate", "ptb", "--workdir", str(tmp_path), "--norm", "pn", "--gpus", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "error: averaging checkpoints failed (exit status 1)" in err
+    assert "Traceback" not in err
+
+
 def test_verify_rejects_wrong_checksum_and_missing_members(tmp_path):
     path = make_ptb(str(tmp_path))
     spec = RECIPES["ptb"].archives[0]

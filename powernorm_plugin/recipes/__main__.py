@@ -142,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         force=True)
     from . import archives
     from . import results as res
+    from .fairseq_run import ToolFailed
 
     try:
         if args.command == "prepare":
@@ -176,9 +177,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      extra=shlex.split(args.eval_args)))
         elif args.command == "table":
             print(res.comparison_table([res.read_result(p) for p in args.results]))
-    except (archives.ArchiveError, FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
+    except (archives.ArchiveError, FileNotFoundError, FileExistsError, ValueError, ImportError,
+            ToolFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished stages and the last checkpoint are kept, and a re-run "
+              "goes on from them", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -244,9 +244,15 @@ def fetch_all(
             f"--sha256 names {', '.join(sorted(unknown))}, which this recipe does not use "
             f"(it uses {', '.join(s.filename for s in specs)})"
         )
-    out = {}
-    for spec in specs:
-        path, digest = fetch(spec, download_dir, archive_dir, expected.get(spec.filename))
+    out, errors = {}, []
+    for spec in specs:  # every archive, so that one run reports every problem
+        try:
+            path, digest = fetch(spec, download_dir, archive_dir, expected.get(spec.filename))
+        except ArchiveError as exc:
+            errors.append(str(exc))
+            continue
         out[spec.filename] = {"path": os.path.abspath(path), "sha256": digest,
                               "bytes": os.path.getsize(path)}
+    if errors:
+        raise ArchiveError("\n".join(errors))
     return out

@@ -12,6 +12,10 @@ from typing import Dict, List, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 
+class ToolFailed(RuntimeError):
+    """A command-line tool returned a failure status, having printed its reason."""
+
+
 def _announce(tool: str, argv: Sequence[str]) -> None:
     print("+ " + shlex.join([tool, *argv]), file=sys.stderr, flush=True)
 
@@ -97,5 +101,5 @@ def average_checkpoints(argv: List[str]) -> None:
     print("+ " + shlex.join(["python", "-m", "powernorm_plugin.cli.average_checkpoints", *argv]),
           file=sys.stderr, flush=True)
     rc = cli.main(argv)
-    if rc:
-        raise RuntimeError(f"averaging checkpoints failed (exit status {rc})")
+    if rc:  # the tool has printed why
+        raise ToolFailed(f"averaging checkpoints failed (exit status {rc})")

@@ -66,7 +66,8 @@ def markdown_row(record: Mapping) -> str:
 
 def markdown_header(metric: str) -> str:
     if metric == "bleu":
-        cols = "| data | model | BLEU (tokenized, as the paper) | sacreBLEU (signature) | paper |"
+        cols = ("| data | model | BLEU (the paper's: tokenized; compound-split for WMT14) | "
+                "sacreBLEU (signature) | paper |")
     else:
         cols = "| data | model | test perplexity | test loss (base 2) | paper |"
     return cols + "\n|---|---|---|---|---|"

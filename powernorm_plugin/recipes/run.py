@@ -49,7 +49,8 @@ def databin(workdir: str) -> str:
     path = os.path.join(workdir, "data-bin")
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"{path} does not exist: run the recipe's prepare step with --workdir {workdir} first"
+            f"{path} does not exist: run the recipe's prepare step with --workdir "
+            f"{shlex.quote(workdir)} first"
         )
     return path
 
