@@ -1,6 +1,7 @@
 """PowerNorm against a float64 transcription of its equations, and its contracts."""
 import copy
 import itertools
+import math
 import warnings
 
 import pytest
@@ -607,6 +608,23 @@ def test_backward_runs_once_per_graph_and_is_not_differentiated_twice(backend, m
     torch.testing.assert_close(pn.running_nu, ref.running_nu, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="differentiate twice|differentiable once"):
         grads[0].sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["native", "native-python", "eager"])
+def test_padding_rows_gradient_is_exact_beside_huge_activations(backend, monkeypatch):
+    """A padding row's input gradient is gamma * dy / sqrt(psi + eps) (paper mode): the nu
+    term is not formed there, so huge activations (|x| ~ 1e18) cannot cancel it away."""
+    backend = layer_backend(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    pn = PowerNorm(64, backend=backend)
+    pn.running_nu.fill_(0.5)
+    x = (torch.randn(6, 2, 64, generator=gen) * 1e18).requires_grad_(True)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 3:] = True
+    dy = torch.randn(6, 2, 64, generator=gen)
+    pn(x, pad).backward(dy)
+    expect = dy[3:, 1] * pn.weight.detach() / math.sqrt(1 + pn.eps)
+    torch.testing.assert_close(x.grad[3:, 1], expect, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["paper", "official", "vanilla"])

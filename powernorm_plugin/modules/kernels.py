@@ -197,9 +197,9 @@ class EagerKernels:
         """dz_n = a * dy_n - m_n * b * z_n (weights None: every row takes the b term), then
         through the group scaling when r is given; in ``dtype``."""
         dz = (dy.to(a.dtype) * a).sub_(z * b)
-        if weights is not None:
+        if weights is not None:  # padding rows: a * dy alone (adding z * b back would cancel)
             pad = pad_rows(weights)
-            dz.index_add_(0, pad, z[pad] * b)
+            dz.index_copy_(0, pad, dy.index_select(0, pad).to(a.dtype) * a)
         return (dz if r is None else _group_scale_grad(dz, z, r)).to(dtype)
 
     @staticmethod
