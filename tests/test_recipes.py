@@ -449,13 +449,16 @@ def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch, caplog):
     assert not done.exists()  # an interrupted training resumes on the next run
     argv = train("ptb", str(tmp_path), "pn", gpus=0)
     assert len(runs) == 2 and json.loads(done.read_text())["argv"] == argv
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="powernorm_plugin.recipes.run"):
-        train("ptb", str(tmp_path), "pn", gpus=0)
+        # the same work folder named another way is the same training
+        train("ptb", os.path.join(str(tmp_path), ".", ""), "pn", gpus=0)
         train("ptb", str(tmp_path), "pn", gpus=0, extra=["--max-epoch", "99"])
     assert len(runs) == 2
     skipped = [r for r in caplog.records if "finished already" in r.getMessage()]
     assert [r.levelno for r in skipped] == [logging.INFO, logging.WARNING]
     assert "other arguments than these, which are not applied" in skipped[1].getMessage()
+    assert not [r for r in caplog.records if "tokens per update" in r.getMessage()]
     done.unlink()  # to train on
     train("ptb", str(tmp_path), "pn", gpus=0, extra=["--max-epoch", "99"])
     assert len(runs) == 3

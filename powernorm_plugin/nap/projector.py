@@ -19,9 +19,14 @@ def _foreach_norm_fp32(tensors: List[torch.Tensor]) -> torch.Tensor:
     global _HAS_FOREACH_NORM_DTYPE
     if not tensors:
         return torch.zeros(0)
-    if any(t.dtype == torch.float64 for t in tensors):
-        wide = [t if t.dtype == torch.float64 else t.float() for t in tensors]
-        return torch.stack([n.float() for n in torch._foreach_norm(wide, 2)])
+    wide = [i for i, t in enumerate(tensors) if t.dtype == torch.float64]
+    if wide:  # their norms in float64, the others' as below, each in its place
+        norms = torch.empty(len(tensors), device=tensors[0].device)
+        norms[wide] = torch.stack(torch._foreach_norm([tensors[i] for i in wide], 2)).float()
+        rest = sorted(set(range(len(tensors))) - set(wide))
+        if rest:
+            norms[rest] = _foreach_norm_fp32([tensors[i] for i in rest])
+        return norms
     if _HAS_FOREACH_NORM_DTYPE:
         try:
             return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))

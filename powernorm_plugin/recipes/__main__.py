@@ -148,12 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "prepare":
             from .prepare import prepare
 
-            bpe_sample = args.bpe_sample
-            if bpe_sample is None:
-                bpe_sample = 5_000_000 if args.recipe == "wmt14_en_de" else 0
             out = prepare(args.recipe, args.workdir, args.archives,
                           archives.parse_sha256_flags(args.sha256), args.workers,
-                          args.bpe_size, bpe_sample)
+                          args.bpe_size, args.bpe_sample)
             print(f"data ready: {out}")
         elif args.command == "train":
             from .run import train

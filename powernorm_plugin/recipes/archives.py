@@ -11,6 +11,7 @@ SHA-256 of every archive used is written to the prepared data's ``manifest.json`
 import dataclasses
 import hashlib
 import logging
+import lzma
 import os
 import posixpath
 import shutil
@@ -93,8 +94,8 @@ def list_members(path: str) -> List[str]:
     except ArchiveError:
         raise
     # (zlib.error: a damaged deflate stream inside an intact gzip or zip container)
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
-            ValueError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError,
+            OSError, ValueError) as exc:
         raise ArchiveError(
             f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})"
         ) from exc

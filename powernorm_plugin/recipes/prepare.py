@@ -258,11 +258,13 @@ def prepare(
     sha256: Optional[Mapping[str, str]] = None,
     workers: int = 1,
     bpe_size: Optional[int] = None,
-    bpe_sample: int = 0,
+    bpe_sample: Optional[int] = None,
     valid_every: int = 23,
 ) -> str:
     """Prepare recipe ``name``'s data under ``workdir``; returns the data-bin folder."""
     recipe = get_recipe(name)
+    if bpe_sample is None:  # sentences the BPE model learns from (0: all)
+        bpe_sample = 5_000_000 if recipe.name == "wmt14_en_de" else 0
     if archive_dir is not None and not os.path.isdir(archive_dir):
         raise FileNotFoundError(f"--archives {archive_dir} is not a folder")
     os.makedirs(workdir, exist_ok=True)

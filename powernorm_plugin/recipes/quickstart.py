@@ -101,6 +101,8 @@ def train_args(data: str, save_dir: str, norm_kind: str, max_update: int, valida
         "--max-tokens", "2048", "--max-update", str(max_update), "--seed", "1", "--cpu",
         "--validate-interval-updates", str(validate_every), "--validate-interval", "1000",
         "--save-interval", "1000", "--no-epoch-checkpoints",
+        # a checkpoint at each validation, so that an interrupted training resumes from it
+        "--save-interval-updates", str(validate_every), "--keep-interval-updates", "1",
         "--save-dir", save_dir, "--log-format", "simple", "--log-interval", "50",
     ]
 
@@ -175,6 +177,7 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
         if os.path.exists(finished):
             _step(f"3/4 the {label} transformer finished training in an earlier run ({finished}): reused")
         else:
+            shutil.rmtree(out_dir, ignore_errors=True)  # translations of an older checkpoint
             os.makedirs(save_dir, exist_ok=True)
             t0 = time.time()
             _step(f"3/4 training the {label} transformer ({i + 1}/{len(VARIANTS)}, {max_update} updates; "
@@ -184,7 +187,6 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
                                          powernorm_plugin.USER_DIR), log_path=log_path)
             _write_json(finished, {"train_seconds": round(time.time() - t0, 1),
                                    "valid_loss": valid_curve(log_path)})
-            shutil.rmtree(out_dir, ignore_errors=True)  # translations of an older checkpoint
         with open(finished, encoding="utf-8") as f:
             trained = json.load(f)
         train_s = trained["train_seconds"]

@@ -85,8 +85,10 @@ def train_command(
     nap_activation_norm: str = "layer",
     log_interval: int = 50,
     extra: Sequence[str] = (),
+    announce: bool = True,
 ) -> List[str]:
-    """The fairseq-train arguments of a variant (authors' settings, then ``extra``)."""
+    """The fairseq-train arguments of a variant (authors' settings, then ``extra``); with
+    ``announce``, logs its tokens per update against the authors'."""
     recipe = get_recipe(name)
     variant = res.variant_name(norm, nap)
     gpus = _gpu_count() if gpus is None else gpus
@@ -96,6 +98,7 @@ def train_command(
     freq = update_freq or update_freq_for(recipe, gpus, max_tokens)
     tokens = max(gpus, 1) * max_tokens * freq
     logger.log(
+        logging.DEBUG if not announce else
         logging.INFO if tokens == recipe.tokens_per_update else logging.WARNING,
         "%s %s: %d tokens per update (%d worker(s) x %d tokens x update-freq %d); authors: %d "
         "(%s)%s", name, variant, tokens, max(gpus, 1), max_tokens, freq,
@@ -134,20 +137,23 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
     """
     from . import fairseq_run
 
-    argv = train_command(name, workdir, norm, nap, **kwargs)
+    save_dir = os.path.join(workdir, "checkpoints", res.variant_name(norm, nap))
+    done = os.path.join(save_dir, TRAINING_DONE)
+    finished = None
+    if os.path.exists(done) and not dry_run:
+        with open(done, encoding="utf-8") as f:
+            finished = json.load(f)["argv"]
+    argv = train_command(name, workdir, norm, nap, announce=finished is None, **kwargs)
     if dry_run:
         fairseq_run._announce("fairseq-train", argv)
         return argv
-    save_dir = os.path.join(workdir, "checkpoints", res.variant_name(norm, nap))
-    done = os.path.join(save_dir, TRAINING_DONE)
-    if os.path.exists(done):
-        with open(done, encoding="utf-8") as f:
-            finished = json.load(f)["argv"]
+    if finished is not None:
+        same = _comparable(finished) == _comparable(argv)
         logger.log(
-            logging.INFO if finished == argv else logging.WARNING,
+            logging.INFO if same else logging.WARNING,
             "%s: its training finished already (%s)%s; delete that file to train on from its "
             "last checkpoint", save_dir, done,
-            "" if finished == argv else ", with other arguments than these, which are not applied",
+            "" if same else ", with other arguments than these, which are not applied",
         )
         return argv
     os.makedirs(save_dir, exist_ok=True)
@@ -156,6 +162,17 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
         json.dump({"argv": argv, "command": shlex.join(["fairseq-train", *argv])}, f, indent=1)
     os.replace(done + ".tmp", done)
     return argv
+
+
+def _comparable(argv: Sequence[str]) -> List[str]:
+    """fairseq-train arguments as two runs of one training compare them: paths resolved (the
+    same work folder may be named another way) and the plugin's own folder left out."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--user-dir" or (i and argv[i - 1] == "--user-dir"):
+            continue
+        out.append(os.path.realpath(arg) if os.path.exists(arg) else arg)
+    return out
 
 
 def _average(save_dir: str, count: int) -> str:
