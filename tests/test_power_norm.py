@@ -823,6 +823,14 @@ def test_training_under_compiled_autograd_matches_eager(backend, device, monkeyp
         captures.append(counters["compiled_autograd"]["captures"])
     assert captures[2] == captures[1] > 0
     if backend == "native":
+        # a second backward pass through one call warns here too (the C++ node)
+        y = pn(x.clone().requires_grad_(True), pad)
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                y.backward(dy, retain_graph=True)
+            with pytest.warns(UserWarning, match="second backward pass through one training call"):
+                y.backward(dy)
         # under create_graph=True, as in eager: the gradients, and differentiating them raises
         xg = x.clone().requires_grad_(True)
         with compiled_autograd._enable(torch.compile(backend="eager")):

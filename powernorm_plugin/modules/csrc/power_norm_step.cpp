@@ -213,7 +213,9 @@ struct PowerNormBackward : public torch::autograd::Node {
   double alpha_bkw = 0;
   // the parameters' dtypes (Undefined: no such parameter), which their gradients take
   at::ScalarType weight_dtype = at::ScalarType::Undefined, bias_dtype = at::ScalarType::Undefined;
-  bool applied = false;  // a backward pass has run (a second one: retain_graph=True)
+  // a backward pass has run (a second one: retain_graph=True); mutable, since under compiled
+  // autograd the one call on every backward pass is the const compiled_args
+  mutable bool applied = false;
 
   std::string name() const override { return "PowerNormBackward"; }
 
@@ -261,6 +263,8 @@ struct PowerNormBackward : public torch::autograd::Node {
   }
 
   void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
+    if (applied && mode != kVanilla) warn_second_backward();
+    applied = true;
     each_lifted(*this, [&](const auto& v) {
       if constexpr (std::is_same_v<std::decay_t<decltype(v)>, torch::autograd::SavedVariable>) {
         args.collect(v, /*is_output=*/false);
