@@ -1,7 +1,6 @@
 """``python -m powernorm_plugin --user-dir`` (or the ``powernorm-user-dir`` command) prints the
 folder to give fairseq's ``--user-dir``."""
 import argparse
-import os
 import sys
 
 
@@ -31,7 +30,9 @@ def main(argv=None):
 
 def print_user_dir():
     """The ``powernorm-user-dir`` command: print the folder to give fairseq's ``--user-dir``."""
-    print(os.path.dirname(os.path.abspath(__file__)))
+    from . import USER_DIR
+
+    print(USER_DIR)
     return 0
 
 

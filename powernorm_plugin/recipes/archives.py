@@ -177,10 +177,10 @@ def fetch(
     if not os.path.isfile(path):
         download(spec, path)
         try:
-            return path, verify(path, spec, expected_sha256)
-        except ArchiveError as exc:
+            return path, _verified(path, spec, expected_sha256, "the download was deleted")
+        except ArchiveError:
             os.remove(path)
-            raise ArchiveError(f"{exc}; the download was deleted") from exc
+            raise
     return path, _verified(path, spec, expected_sha256,
                            "delete it, and the next run downloads it again")
 
@@ -232,6 +232,16 @@ def parse_sha256_flags(values: Iterable[str]) -> Dict[str, str]:
     return out
 
 
+def check_sha256_names(specs: Sequence[ArchiveSpec], expected: Mapping[str, str]) -> None:
+    """Raise unless every archive that ``--sha256`` names is one of ``specs``."""
+    unknown = set(expected) - {s.filename for s in specs}
+    if unknown:
+        raise ValueError(
+            f"--sha256 names {', '.join(sorted(unknown))}, which this recipe does not use "
+            f"(it uses {', '.join(s.filename for s in specs)})"
+        )
+
+
 def fetch_all(
     specs: Sequence[ArchiveSpec],
     download_dir: str,
@@ -239,12 +249,7 @@ def fetch_all(
     expected: Mapping[str, str],
 ) -> Dict[str, Dict[str, object]]:
     """Fetch and verify every archive; returns ``{filename: {"path", "sha256", "bytes"}}``."""
-    unknown = set(expected) - {s.filename for s in specs}
-    if unknown:
-        raise ValueError(
-            f"--sha256 names {', '.join(sorted(unknown))}, which this recipe does not use "
-            f"(it uses {', '.join(s.filename for s in specs)})"
-        )
+    check_sha256_names(specs, expected)
     out, errors = {}, []
     for spec in specs:  # every archive, so that one run reports every problem
         try:

@@ -234,10 +234,8 @@ def _check_archives(raw: str, recipe: Recipe, archive_dir: Optional[str],
     with open(os.path.join(raw, "manifest.json"), encoding="utf-8") as f:
         used = json.load(f)["archives"]
     remedy = f"use another --workdir, or delete {raw} and the stages after it"
+    arc.check_sha256_names(recipe.archives, sha256)
     for filename, digest in sha256.items():
-        if filename not in used:
-            raise ValueError(f"--sha256 names {filename}, which this recipe does not use (it "
-                             f"uses {', '.join(sorted(used))})")
         recorded = used[filename]["sha256"]
         if recorded != digest:
             raise arc.ArchiveError(f"--sha256 {filename}={digest}, but {raw} was extracted from "

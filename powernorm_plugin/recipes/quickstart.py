@@ -28,7 +28,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import scoring, synthetic, text
-from .stages import atomic_file, run_stage
+from .stages import atomic_file, run_stage, write_json
 
 logger = logging.getLogger("powernorm_plugin.recipes.quickstart")
 
@@ -53,12 +53,6 @@ def write_corpus(folder: str, train: int, valid: int, test: int, seed: int) -> N
         text.write_lines(os.path.join(folder, f"{split}.tgt"), (p[1] for p in pairs))
 
 
-def _write_json(path: str, obj) -> None:
-    with atomic_file(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def check_settings(workdir: str, settings: Dict) -> None:
     """Record ``settings`` in ``workdir/settings.json``, or, when the folder has them
     already, check that they are the same: its corpus and models belong to those settings."""
@@ -71,7 +65,7 @@ def check_settings(workdir: str, settings: Dict) -> None:
                 f"{workdir} holds {', '.join(made)} but no settings.json (an older version made "
                 f"it?): its settings are unknown; use another --workdir, or delete {workdir}")
         os.makedirs(workdir, exist_ok=True)
-        _write_json(path, settings)
+        write_json(path, settings)
         return
     with open(path, encoding="utf-8") as f:
         stored = json.load(f)
@@ -185,7 +179,7 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
             log_path = os.path.join(save_dir, "train.log")
             fairseq_run.train(train_args(data, save_dir, kind, max_update, validate_every,
                                          powernorm_plugin.USER_DIR), log_path=log_path)
-            _write_json(finished, {"train_seconds": round(time.time() - t0, 1),
+            write_json(finished, {"train_seconds": round(time.time() - t0, 1),
                                    "valid_loss": valid_curve(log_path)})
         with open(finished, encoding="utf-8") as f:
             trained = json.load(f)
@@ -213,7 +207,7 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
     png = os.path.join(workdir, "valid_loss.png")
     plot_curves(curves, png)
     record["seconds"] = round(time.time() - start, 1)
-    _write_json(os.path.join(workdir, "results.json"), record)
+    write_json(os.path.join(workdir, "results.json"), record)
     table = ["| model | BLEU | sacreBLEU | final valid loss | training time |", "|---|---|---|---|---|"]
     for norm, m in record["models"].items():
         final = m["valid_loss"][-1][1] if m["valid_loss"] else None

@@ -4,7 +4,7 @@ import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from .stages import atomic_file
+from .stages import atomic_file, write_json
 
 #: Normalization variants: recipe name -> (label in the tables, norm kind of the plugin).
 NORMS = {
@@ -77,9 +77,7 @@ def write_result(record: Mapping, json_path: str, md_path: str) -> None:
     """Write ``record`` to ``json_path`` and its markdown table (header + row) to ``md_path``."""
     for path in (json_path, md_path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(json_path) as f:
-        json.dump(dict(record), f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(json_path, dict(record))
     with atomic_file(md_path) as f:
         f.write(markdown_header(record["metric"]) + "\n" + markdown_row(record) + "\n")
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 from . import results as res
 from . import scoring, text
 from .definitions import Recipe, get_recipe
-from .stages import atomic_file
+from .stages import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,7 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
         return argv
     os.makedirs(save_dir, exist_ok=True)
     fairseq_run.train(argv, log_path=os.path.join(save_dir, "train.log"))
-    with atomic_file(done) as f:
-        json.dump({"argv": argv, "command": shlex.join(["fairseq-train", *argv])}, f, indent=1)
+    write_json(done, {"argv": argv, "command": shlex.join(["fairseq-train", *argv])})
     return argv
 
 

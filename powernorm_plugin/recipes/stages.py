@@ -56,6 +56,13 @@ def atomic_file(path: str, mode: str = "w", encoding: str = "utf-8") -> Iterator
     os.replace(tmp, path)
 
 
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` to ``path`` as indented JSON, atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 #: A stage's settings (option -> value), kept in its folder to be checked on a re-run.
 SETTINGS = "stage_settings.json"
 
