@@ -71,7 +71,7 @@ def _fmt(v, digits=6):
     a = abs(v)
     if 1e-3 <= a < 1e5:
         return f"{v:.{digits}g}"
-    return f"{v:.{digits - 6 if digits > 6 else 0}e}".replace("e-0", "E-").replace(
+    return f"{v:.{max(digits - 6, 0)}e}".replace("e-0", "E-").replace(
         "e+0", "E").replace("e", "E")
 
 

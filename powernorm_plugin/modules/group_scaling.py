@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._util import checked_int
-from .kernels import EAGER, _group_scale, kernels_for
+from .kernels import EAGER, kernels_for
 
 
 class GroupRMSScaleFunction(torch.autograd.Function):
@@ -49,7 +49,7 @@ def traceable_group_rms_scale(x, groups, eps=1e-5):
     so that torch.jit.trace and torch.export record it (they cannot save a Python
     autograd.Function)."""
     shape = x.shape
-    return _group_scale(x.reshape(-1, shape[-1]), groups, eps)[0].to(x.dtype).view(shape)
+    return EAGER.group_scale(x.reshape(-1, shape[-1]), groups, eps)[0].to(x.dtype).view(shape)
 
 
 def check_groups(num_features, group_num):

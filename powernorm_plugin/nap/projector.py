@@ -23,7 +23,7 @@ def _foreach_norm_fp32(tensors: List[torch.Tensor]) -> torch.Tensor:
     if wide:  # their norms in float64, the others' as below, each in its place
         norms = torch.empty(len(tensors), device=tensors[0].device)
         norms[wide] = torch.stack(torch._foreach_norm([tensors[i] for i in wide], 2)).float()
-        rest = sorted(set(range(len(tensors))) - set(wide))
+        rest = [i for i, t in enumerate(tensors) if t.dtype != torch.float64]
         if rest:
             norms[rest] = _foreach_norm_fp32([tensors[i] for i in rest])
         return norms

@@ -217,6 +217,12 @@ struct PowerNormBackward : public torch::autograd::Node {
   // autograd the one call on every backward pass is the const compiled_args
   mutable bool applied = false;
 
+  // Called once per backward pass through this node: warns from the second on.
+  void count_backward_pass() const {
+    if (applied && mode != kVanilla) warn_second_backward();
+    applied = true;
+  }
+
   std::string name() const override { return "PowerNormBackward"; }
 
   void release_variables() override {
@@ -233,8 +239,7 @@ struct PowerNormBackward : public torch::autograd::Node {
     BackwardInputs in{x.unpack(), gamma.unpack(), token_weights.unpack(), r, psi_b, all_sq,
                       inv_b, inv, running_nu, mode, groups, count.toInt(), alpha_bkw,
                       weight_dtype, bias_dtype};
-    if (applied && mode != kVanilla) warn_second_backward();
-    applied = true;
+    count_backward_pass();
     return backward_step(grads[0], std::move(in));
   }
 
@@ -263,8 +268,7 @@ struct PowerNormBackward : public torch::autograd::Node {
   }
 
   void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
-    if (applied && mode != kVanilla) warn_second_backward();
-    applied = true;
+    count_backward_pass();
     each_lifted(*this, [&](const auto& v) {
       if constexpr (std::is_same_v<std::decay_t<decltype(v)>, torch::autograd::SavedVariable>) {
         args.collect(v, /*is_output=*/false);
