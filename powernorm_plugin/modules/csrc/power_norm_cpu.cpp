@@ -52,10 +52,39 @@ using at::Tensor;
 constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMaxBlocks = 64;
 
+// Where a sweep keeps its C-long working vectors, as bytes past a 4 KiB boundary. A sweep
+// loads and stores them column by column in step, and the CPU first matches a load against
+// the pending stores by the low 12 bits of the address: a load from one vector at the same
+// offset modulo 4 KiB as a column just stored to another waits for that store ("4K
+// aliasing"). Vectors 512 bytes apart modulo 4 KiB never meet that way. Left to the
+// allocator they did (C = 1024 floats: every vector at one offset), and a pass took up to 60%
+// longer, by an amount that changed from process to process (benchmarks/README.md).
+constexpr int64_t kPage = 4096;
+constexpr int64_t kPartSkew = 0;      // the column sums: part p at kPartSkew + p * 512
+constexpr int64_t kGroupSkew = 1536;  // a group's dz (backward, with groups)
+constexpr int64_t kRowSkew = 2048;    // the output row
+
+// Rounds n (elements of T) up so that n * sizeof(T) is `skew` bytes past a multiple of 4 KiB.
+template <typename T>
+int64_t skewed_length(int64_t n, int64_t skew) {
+  const int64_t size = sizeof(T);
+  return n + ((skew - n * size % kPage + kPage) % kPage) / size;
+}
+
+// This thread's kept buffer (kept_buffer) of n elements, starting `skew` bytes past a 4 KiB
+// boundary.
+template <typename T, typename Use>
+T* skewed_buffer(int64_t n, int64_t skew) {
+  T* kept = kept_buffer<T, Use>(n + 2 * kPage / static_cast<int64_t>(sizeof(T)));
+  const auto base = reinterpret_cast<std::uintptr_t>(kept);
+  return reinterpret_cast<T*>((base + kPage - 1) / kPage * kPage + skew);
+}
+
 // A pass's rows, cut into at most kMaxBlocks blocks of at least kMinBlockRows rows (fixed by
 // the row count alone), and the column sums accumulated per block: `parts` sums of C columns
-// each (none with parts == 0). reduce() adds the blocks in block order, so the sums do not
-// depend on how the blocks were shared among threads.
+// each (none with parts == 0), part p of a block at block + p * stride(), 512 bytes past the
+// part before it modulo 4 KiB (see kPartSkew). reduce() adds the blocks in block order, so
+// the sums do not depend on how the blocks were shared among threads.
 template <typename acc_t>
 class BlockSums {
  public:
@@ -65,17 +94,20 @@ class BlockSums {
         parts_(parts),
         rows_(std::max(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks)),
         count_((N + rows_ - 1) / rows_),
-        partial_(parts ? kept_buffer<acc_t, BlockSums>(count_ * parts * C) : nullptr) {}
+        stride_(skewed_length<acc_t>(C, 512)),
+        block_(skewed_length<acc_t>(parts * stride_, 0)),
+        partial_(parts ? skewed_buffer<acc_t, BlockSums>(count_ * block_, kPartSkew) : nullptr) {}
 
   int64_t count() const { return count_; }
   int64_t first(int64_t blk) const { return blk * rows_; }
   int64_t end(int64_t blk) const { return std::min(N_, (blk + 1) * rows_); }
+  int64_t stride() const { return stride_; }
 
-  // Block blk's partials (parts x C), zeroed; nullptr without sums.
+  // Block blk's partials, each part zeroed; nullptr without sums.
   acc_t* start(int64_t blk) const {
     if (!parts_) return nullptr;
-    acc_t* block = partial_ + blk * parts_ * C_;
-    std::fill(block, block + parts_ * C_, acc_t(0));
+    acc_t* block = partial_ + blk * block_;
+    for (int64_t p = 0; p < parts_; ++p) std::fill_n(block + p * stride_, C_, acc_t(0));
     return block;
   }
 
@@ -87,14 +119,14 @@ class BlockSums {
       if (dst == nullptr) continue;
       std::fill(dst, dst + C_, acc_t(0));
       for (int64_t blk = 0; blk < count_; ++blk) {
-        const acc_t* src = partial_ + (blk * parts_ + p) * C_;
+        const acc_t* src = partial_ + blk * block_ + p * stride_;
         for (int64_t c = 0; c < C_; ++c) dst[c] += src[c];
       }
     }
   }
 
  private:
-  int64_t N_, C_, parts_, rows_, count_;
+  int64_t N_, C_, parts_, rows_, count_, stride_, block_;  // stride_, block_: in elements
   acc_t* partial_;
 };
 
@@ -133,11 +165,11 @@ class OutputRows {
       : out_(out),
         C_(C),
         stream_(out != nullptr && N * C * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes),
-        row_(out != nullptr ? C : 0) {}
-  scalar_t* row() { return row_.data(); }
+        row_(out != nullptr ? skewed_buffer<scalar_t, OutputRows>(C, kRowSkew) : nullptr) {}
+  scalar_t* row() { return row_; }
   void store(int64_t n) {
     char* dst = reinterpret_cast<char*>(out_ + n * C_);
-    const char* src = reinterpret_cast<const char*>(row_.data());
+    const char* src = reinterpret_cast<const char*>(row_);
     int64_t bytes = C_ * static_cast<int64_t>(sizeof(scalar_t));
 #if defined(__SSE2__)
     if (stream_) {
@@ -168,7 +200,7 @@ class OutputRows {
   scalar_t* out_;
   int64_t C_;
   bool stream_;
-  std::vector<scalar_t> row_;
+  scalar_t* row_;
 };
 
 // Every row is handled one channel group at a time (no groups: one group of C channels with
@@ -208,7 +240,7 @@ void forward_impl(const scalar_t* xp, int64_t N, int64_t C, int64_t groups, doub
           const scalar_t* __restrict__ xg = xp + n * C + lo;
           const acc_t rg = groups ? rn[g] : acc_t(1);
           acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
-          acc_t* __restrict__ all = kSums && all_rows ? block + C + lo : nullptr;
+          acc_t* __restrict__ all = kSums && all_rows ? block + blocks.stride() + lo : nullptr;
           scalar_t* __restrict__ yg = kOut ? out.row() + lo : nullptr;
 #pragma omp simd
           for (int64_t c = 0; c < cg; ++c) {
@@ -243,7 +275,8 @@ void backward_impl(const scalar_t* dyp, const scalar_t* xp, int64_t N, int64_t C
   const BlockSums<acc_t> blocks(N, C, kSums ? 3 : 0);
 
   at::parallel_for(0, blocks.count(), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> dz_buffer(groups ? cg : 0);  // a group's dz, kept for its second sweep
+    struct GroupDz;  // a group's dz, kept for its second sweep
+    acc_t* dz_buffer = groups ? skewed_buffer<acc_t, GroupDz>(cg, kGroupSkew) : nullptr;
     OutputRows<scalar_t> out(dxp, N, C);
     for (int64_t blk = b0; blk < b1; ++blk) {
       acc_t* block = blocks.start(blk);
@@ -256,12 +289,12 @@ void backward_impl(const scalar_t* dyp, const scalar_t* xp, int64_t N, int64_t C
           const scalar_t* __restrict__ dyg = dyp + n * C + lo;
           const acc_t rg = groups ? rp[n * G + g] : acc_t(1);
           acc_t* __restrict__ tok = kSums ? block + lo : nullptr;
-          acc_t* __restrict__ all = kSums ? block + C + lo : nullptr;
-          acc_t* __restrict__ dsum = kSums ? block + 2 * C + lo : nullptr;
+          acc_t* __restrict__ all = kSums ? block + blocks.stride() + lo : nullptr;
+          acc_t* __restrict__ dsum = kSums ? block + 2 * blocks.stride() + lo : nullptr;
           scalar_t* __restrict__ dxg = kGrad ? out.row() + lo : nullptr;
           // One sweep for the sums and dz = a * dy - w * b * z; with groups, dz is kept for
           // dx = r (dz - z q), q = mean(dz * z) = r mean(dz * x), and a second sweep.
-          acc_t* __restrict__ dzg = groups ? dz_buffer.data() : nullptr;
+          acc_t* __restrict__ dzg = dz_buffer;
           const acc_t* __restrict__ ag = kGrad ? ap + lo : nullptr;
           const acc_t* __restrict__ bg = kGrad ? bp + lo : nullptr;
 #pragma omp simd
@@ -438,7 +471,8 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& mask, 
   const int64_t C = x.size(-1), N = x.numel() / C;
   check_vector(scale, C, acc, "scale");
   check_vector(shift, C, acc, "shift");
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "powernorm_cpu: give scale and shift together");
+  TORCH_CHECK(scale.has_value() == shift.has_value(),
+              "powernorm_cpu: give scale and shift together");
   const bool out = scale.has_value();
   TORCH_CHECK(sums || out, "powernorm_cpu.forward: nothing to compute");
   const auto opts = x.options().dtype(acc);
