@@ -57,8 +57,8 @@ constexpr int64_t kMaxBlocks = 64;
 // the pending stores by the low 12 bits of the address: a load from one vector at the same
 // offset modulo 4 KiB as a column just stored to another waits for that store ("4K
 // aliasing"). Vectors 512 bytes apart modulo 4 KiB never meet that way. Left to the
-// allocator they did (C = 1024 floats: every vector at one offset), and a pass took up to 60%
-// longer, by an amount that changed from process to process (benchmarks/README.md).
+// allocator they did (C = 1024 floats: every vector at one offset), and a pass took up to
+// twice as long, by an amount that changed from process to process (benchmarks/README.md).
 constexpr int64_t kPage = 4096;
 constexpr int64_t kPartSkew = 0;      // the column sums: part p at kPartSkew + p * 512
 constexpr int64_t kGroupSkew = 1536;  // a group's dz (backward, with groups)
