@@ -83,8 +83,7 @@ def run_stage(path: str, name: str, build: Callable[[str], None],
     with atomic_dir(path) as tmp:
         build(tmp)
         if settings:
-            with open(os.path.join(tmp, SETTINGS), "w", encoding="utf-8") as f:
-                json.dump(dict(settings), f, indent=1, sort_keys=True)
+            write_json(os.path.join(tmp, SETTINGS), dict(settings))
     logger.info("stage %s: finished", name)
     return True
 
