@@ -60,9 +60,10 @@ constexpr int64_t kMaxBlocks = 64;
 // allocator they did (C = 1024 floats: every vector at one offset), and a pass took up to
 // twice as long, by an amount that changed from process to process (benchmarks/README.md).
 constexpr int64_t kPage = 4096;
-constexpr int64_t kPartSkew = 0;      // the column sums: part p at kPartSkew + p * 512
-constexpr int64_t kGroupSkew = 1536;  // a group's dz (backward, with groups)
-constexpr int64_t kRowSkew = 2048;    // the output row
+constexpr int64_t kPartSkew = 0;       // the column sums: part p at kPartSkew + p * kPartSpacing
+constexpr int64_t kPartSpacing = 512;
+constexpr int64_t kGroupSkew = 1536;   // a group's dz (backward, with groups)
+constexpr int64_t kRowSkew = 2048;     // the output row
 
 // Rounds n (elements of T) up so that n * sizeof(T) is `skew` bytes past a multiple of 4 KiB.
 template <typename T>
@@ -82,8 +83,8 @@ T* skewed_buffer(int64_t n, int64_t skew) {
 
 // A pass's rows, cut into at most kMaxBlocks blocks of at least kMinBlockRows rows (fixed by
 // the row count alone), and the column sums accumulated per block: `parts` sums of C columns
-// each (none with parts == 0), part p of a block at block + p * stride(), 512 bytes past the
-// part before it modulo 4 KiB (see kPartSkew). reduce() adds the blocks in block order, so
+// each (none with parts == 0), part p of a block at block + p * stride(), kPartSpacing bytes
+// past the part before it modulo 4 KiB (see kPartSkew). reduce() adds the blocks in block order, so
 // the sums do not depend on how the blocks were shared among threads.
 template <typename acc_t>
 class BlockSums {
@@ -94,7 +95,7 @@ class BlockSums {
         parts_(parts),
         rows_(std::max(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks)),
         count_((N + rows_ - 1) / rows_),
-        stride_(skewed_length<acc_t>(C, 512)),
+        stride_(skewed_length<acc_t>(C, kPartSpacing)),
         block_(skewed_length<acc_t>(parts * stride_, 0)),
         partial_(parts ? skewed_buffer<acc_t, BlockSums>(count_ * block_, kPartSkew) : nullptr) {}
 
