@@ -86,10 +86,12 @@ class DeferredFiniteCheck:
         if ok.is_cuda:
             if self._pinned is None:
                 self._pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._pinned.copy_(ok, non_blocking=True)
+            self._pinned.copy_(ok, non_blocking=True)  # on the current stream of ok's device
             if self._recorder is None or self._recorder[0] != ok.device:
                 self._recorder = ok.device, torch.cuda.Event()  # an event is bound to its device
-            self._recorder[1].record()
+            # (that stream, not the current device's: with the layer on another GPU than the
+            # current one, an event there would not follow the copy)
+            self._recorder[1].record(torch.cuda.current_stream(ok.device))
             self._event = self._recorder[1]
             self._flag = self._pinned
         else:
