@@ -20,7 +20,7 @@ namespace {
 using at::Tensor;
 
 bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
-              int64_t /*count*/) {
+              int64_t /*groups*/, int64_t /*count*/) {
   return x.is_cpu() && buffers_fit(x, running_phi, running_nu);
 }
 

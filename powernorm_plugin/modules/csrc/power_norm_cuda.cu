@@ -55,6 +55,7 @@ constexpr int kMaxColumns = 4096;     // = kPerThread * the largest block (512 t
 constexpr int64_t kMaxBlocks = 128;   // row blocks: column partial sums per block
 constexpr int64_t kMinBlockRows = 4;
 constexpr int kFinishThreads = 1024;
+constexpr size_t kMaxSharedBytes = 48 * 1024;  // a block's dynamic shared memory by default
 
 // Per group g of a row held in shared memory (vals: C entries), out[g] = mean over the
 // group's S entries, summed by one warp in a fixed order; with `rms`, 1 / sqrt(mean + eps).
@@ -381,10 +382,14 @@ size_t group_shared_bytes(int64_t C, int64_t G, size_t element) {
   return G ? static_cast<size_t>(C + G) * element : 0;
 }
 
-// A batch of padding only (count 0) is left to the Python step.
+// A batch of padding only (count 0) is left to the Python step, and so is a row with its
+// group factors that does not fit in the shared memory a kernel gets without asking for more
+// (fp64 with C + groups > 6144).
 bool supports(const Tensor& x, const Tensor& running_phi, const Tensor& running_nu,
-              int64_t count) {
+              int64_t groups, int64_t count) {
+  const size_t acc_size = compute_dtype(x) == at::kDouble ? sizeof(double) : sizeof(float);
   return count > 0 && x.is_cuda() && x.size(-1) <= kMaxColumns && x.numel() > 0 &&
+         group_shared_bytes(x.size(-1), groups, acc_size) <= kMaxSharedBytes &&
          buffers_fit(x, running_phi, running_nu);
 }
 

@@ -27,9 +27,10 @@ struct FusedBackward {
 
 struct FusedStep {
   // Whether the step takes x (..., C), contiguous, its rows the positions, with these running
-  // buffers and `count` tokens. The tensors below of x's shape (y, dy, dx) have that shape.
+  // buffers, `groups` groups (0: no group scaling) and `count` tokens. The tensors below of
+  // x's shape (y, dy, dx) have that shape.
   bool (*supports)(const at::Tensor& x, const at::Tensor& running_phi,
-                   const at::Tensor& running_nu, int64_t count);
+                   const at::Tensor& running_nu, int64_t groups, int64_t count);
   // One training call's forward; moves running_phi and num_steps in place (and bumps their
   // versions) where the batch has tokens.
   FusedForward (*forward)(const at::Tensor& x, const at::Tensor& m, const at::Tensor& w,

@@ -384,7 +384,7 @@ std::tuple<Tensor, Tensor> train_step(const Tensor& x, const optional<Tensor>& w
   const Settings set = read_settings(settings, x.size(-1));
   TORCH_CHECK(!warm || step > 0, "powernorm train_step: a warm-up call needs its step (>= 1)");
   const FusedStep* fused = fused_step(x);
-  if (fused == nullptr || !fused->supports(x, running_phi, running_nu, count)) {
+  if (fused == nullptr || !fused->supports(x, running_phi, running_nu, set.groups, count)) {
     return {};
   }
   check_step_tensors(x, weight, bias, running_phi, running_nu, num_steps, token_weights, count);
