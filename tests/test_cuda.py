@@ -19,7 +19,7 @@ from test_power_norm import C, MODES, random_batch, run_module_step, run_module_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-MERGED_FINISH = "POWERNORM_CUDA_MERGED_FINISH"  # read by the native library when it loads
+MERGED_FINISH = "POWERNORM_CUDA_MERGED_FINISH"  # read once, at the first CUDA training call
 
 
 def on_gpu(batch, dtype):
@@ -246,7 +246,7 @@ def test_native_step_launches_one_finish_per_direction_or_none_when_merged(mode,
 
 @pytest.mark.skipif(os.environ.get(MERGED_FINISH) == "1", reason="this is the merged run")
 def test_native_tests_pass_with_the_finish_merged_into_the_rows_kernels():
-    # The native library reads $POWERNORM_CUDA_MERGED_FINISH once, when it loads, so the
+    # The native library reads $POWERNORM_CUDA_MERGED_FINISH once per process, so the
     # merged finish gets a process of its own: this file's tests of the native kernels again.
     tests = "(native or not (compiled or eager)) and not masked_batch_norm"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -21,7 +21,7 @@
 // Every sum is taken in a fixed order (per block of rows, in row order; then over the blocks
 // in block order; group sums by a fixed warp tree), so results do not vary from run to run.
 //
-// With POWERNORM_CUDA_MERGED_FINISH=1 in the environment (read once, when the library loads),
+// With POWERNORM_CUDA_MERGED_FINISH=1 in the environment (read once, at the first CUDA step),
 // each finish runs inside the rows kernel before it instead, in the last of its blocks to
 // finish (last_to_arrive): two launches a step instead of four (four instead of six in
 // warm-up and PN-V). That path has not yet run on a GPU, so it is not the default.
