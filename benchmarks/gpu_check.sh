@@ -5,7 +5,8 @@
 #      library's fused CUDA step takes a training call;
 #   2. tests/test_cuda.py (it reruns its native tests with POWERNORM_CUDA_MERGED_FINISH=1);
 #   3. norm_speed.py on the GPU, fp32 and bf16, with the separate finish kernels and then with
-#      the merged finish (benchmarks/README.md, section "GPU"); skipped where step 1 failed.
+#      the merged finish (benchmarks/README.md, section "GPU"), then fp32 at two shapes with
+#      16 and 64 thousand rows; skipped where step 1 failed.
 # Each step's full output goes to OUTDIR/<step>.log; the end of each is printed. Exit status:
 # 0 where every step passed.
 #
@@ -69,6 +70,9 @@ if [ -n "$built" ]; then  # (without the CUDA step, "native" would time the Pyth
   step speed_bf16 30 "${speed[@]}" --dtype bfloat16
   step speed_fp32_merged 60 env POWERNORM_CUDA_MERGED_FINISH=1 "${speed[@]}"
   step speed_bf16_merged 30 env POWERNORM_CUDA_MERGED_FINISH=1 "${speed[@]}" --dtype bfloat16
+  # rows enough for the GPU's own time to count: how near the rows kernels (at most 128
+  # blocks) come to the memory bandwidth
+  step speed_fp32_large 30 "${speed[@]}" --shapes 256x64x1024 512x128x1024
 else
   echo "== speed: skipped, the CUDA kernels were not built"
 fi
