@@ -7,7 +7,7 @@ trains two 2-layer transformers that differ only in the encoder's norms (LayerNo
 PowerNorm as in the paper's Table 1 runs; LayerNorm in both decoders), translates the test
 set with each, and reports BLEU. Writes ``results.json``, ``results.md`` and
 ``valid_loss.png`` (validation loss against updates for both models) into the work folder.
-Sized for about 10 minutes on 2 CPU cores; every stage logs its progress.
+Sized for about 3-4 minutes on 2 CPU cores; every stage logs its progress.
 
 A re-run in the same work folder reuses the corpus, the binarized data, the translations
 and every finished training (one with a ``finished.json`` next to its checkpoints, written

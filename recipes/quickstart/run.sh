@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart: trains a small LayerNorm and a small PowerNorm transformer on a synthetic
 # translation task that it generates (nothing is downloaded), reports BLEU for each and draws
-# their validation-loss curves. About 10 minutes on 2 CPU cores.
+# their validation-loss curves. About 3-4 minutes on 2 CPU cores.
 #
 # Writes WORKDIR/results.md, results.json and valid_loss.png (WORKDIR: runs/quickstart).
 set -euo pipefail
