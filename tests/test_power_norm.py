@@ -201,7 +201,10 @@ def test_state_dict_round_trip_mid_training_continues_bit_for_bit(mode, device):
 def test_step_mirror_follows_one_increment_per_call_and_rereads_anything_else():
     from powernorm_plugin.modules.host_mirrors import StepCounter
 
-    steps, num_steps = StepCounter(), torch.zeros((), dtype=torch.long)
+    class DeviceSteps(StepCounter):  # the mirror as on a GPU, where reading the buffer waits
+        _reads_directly = staticmethod(lambda num_steps: False)
+
+    steps, num_steps = DeviceSteps(), torch.zeros((), dtype=torch.long)
     assert steps.value(num_steps) == 0
     version = num_steps._version
     num_steps.add_(1)  # what a training call does (in place, or in a kernel that bumps the version)
@@ -214,6 +217,48 @@ def test_step_mirror_follows_one_increment_per_call_and_rereads_anything_else():
     num_steps.add_(5)  # something else changed it too: read again
     steps.moved(num_steps, version)
     assert steps.value(num_steps) == 7
+    # the same object with another tensor's contents swapped in (torch.utils.swap_tensors, as
+    # load_state_dict does under torch.__future__), even at the same version: read again
+    replacement = torch.full((), 3, dtype=torch.long)
+    while replacement._version < num_steps._version:
+        replacement.add_(0)
+    torch.utils.swap_tensors(num_steps, replacement)
+    assert steps.value(num_steps) == 3
+
+
+def test_step_count_written_where_torch_keeps_no_version_is_seen_by_the_next_call():
+    # on the CPU the layer reads num_steps at each call: a write through .data (or by DDP's
+    # buffer broadcast, or another process sharing the memory) does not bump the version
+    gen = torch.Generator().manual_seed(12)
+    batches = [random_batch(gen, torch.float32) for _ in range(5)]
+    for backend in ("native", "eager"):
+        a, b = (PowerNorm(C, warmup_updates=3, backend=backend) for _ in range(2))
+        run_module_steps(a, batches)  # past warm-up
+        a.num_steps.data.zero_()  # back into it, with b's state
+        a.running_phi.data.fill_(1.0)
+        a.running_nu.data.zero_()
+        for u, v in zip(run_module_steps(a, batches), run_module_steps(b, batches)):
+            assert torch.equal(u, v)
+
+
+def test_checkpoint_loads_by_swapping_tensors_after_training():
+    # torch.__future__'s swap of module tensors on load refuses a tensor with a weak
+    # reference: the layer's host mirror of num_steps must not hold one
+    gen = torch.Generator().manual_seed(12)
+    batches = [random_batch(gen, torch.float32) for _ in range(4)]
+    a, b = PowerNorm(C, warmup_updates=3), PowerNorm(C, warmup_updates=3)
+    run_module_step(a, *batches[0])
+    saved = copy.deepcopy(a.state_dict())
+    run_module_steps(a, batches[1:])
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        a.load_state_dict(saved)
+        b.load_state_dict(saved)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    for u, v in zip(run_module_steps(a, batches[1:]), run_module_steps(b, batches[1:])):
+        assert torch.equal(u, v)
 
 
 def test_reloaded_or_edited_step_count_is_seen_by_the_next_call():

@@ -10,8 +10,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .host_mirrors import dead_ref
-
 
 def compute_dtype(x):
     """Statistics are accumulated in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64."""
@@ -158,6 +156,11 @@ def _mask_key(padding_mask, T, B, device, dtype):
         return padding_mask._version, padding_mask.data_ptr(), T, B, device, dtype
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
+
+
+def dead_ref():
+    """What a weak reference to a collected object returns: a reference that matches nothing."""
+    return None
 
 
 #: (weak reference to the last padding mask cached, _mask_key of it, its TokenMask)

@@ -6,39 +6,47 @@ running ahead of the device and leaves the device idle between the layers. Power
 two values on the host: its step counter (for warm-up) and whether the batch statistic was
 finite (to refuse NaN). Both are kept here without a read of the device on the common path.
 """
-import weakref
-
 import torch
 
 
-def dead_ref():
-    """What a weak reference to a collected object returns: a reference that matches nothing."""
-    return None
-
-
 class StepCounter:
-    """The buffer ``num_steps`` mirrored as a host int.
+    """The buffer ``num_steps`` as a host int.
 
-    The buffer is read only when it was changed other than through :meth:`add` (a
-    ``load_state_dict``, a ``.to()``, an in-place edit): each in-place change of a tensor
-    bumps its version, so a version other than the one recorded means "read it again".
+    On the CPU the buffer is read at every call: that costs a fraction of a microsecond and
+    sees every write. On a GPU, where a read waits for the device, a host mirror stands in
+    for it and follows each training call's increment; the buffer is read again where it
+    changed otherwise through torch (a ``load_state_dict``, a ``.to()``, an in-place edit,
+    each of which bumps the tensor's version) or was replaced (another tensor, or another
+    tensor's contents swapped in by ``torch.utils.swap_tensors``). Writes that torch does not
+    version are not seen there: through ``.data``, by another process sharing the memory,
+    or DDP's buffer broadcast (``broadcast_buffers=True``; fairseq's default is off).
+    The mirror holds the buffer itself, not a weak reference, which ``swap_tensors`` refuses.
     Pickling or deep-copying gives a fresh, unread mirror.
     """
 
     def __init__(self):
-        self._source, self._version, self._value = dead_ref, None, 0
+        self._source = self._impl = self._version = None
+        self._value = 0
 
     def __reduce__(self):
         return type(self), ()
 
     def _current(self, num_steps):
-        return self._source() is num_steps and self._version == num_steps._version
+        return (self._source is num_steps and self._impl == num_steps._cdata
+                and self._version == num_steps._version)
+
+    @staticmethod
+    def _reads_directly(num_steps):
+        """Whether reading the buffer costs nothing (no wait for a device)."""
+        return num_steps.is_cpu
 
     def value(self, num_steps):
-        """int(num_steps), read from the device only where the mirror is out of date."""
-        if not self._current(num_steps):
+        """int(num_steps): read on the CPU; on a GPU, read only where the mirror is out of
+        date."""
+        if self._reads_directly(num_steps) or not self._current(num_steps):
             self._value = int(num_steps)
-            self._source, self._version = weakref.ref(num_steps), num_steps._version
+            self._source, self._impl = num_steps, num_steps._cdata
+            self._version = num_steps._version
         return self._value
 
     def add(self, num_steps, increment=1):
@@ -50,14 +58,14 @@ class StepCounter:
     def moved(self, num_steps, version):
         """Follow what one training call did to the buffer since its ``version``: nothing, or
         one in-place increment (by 1, or by a 0-d tensor the host assumes to be 1)."""
-        if self._source() is num_steps and self._version == version:
+        if self._source is num_steps and self._version == version:
             if num_steps._version == version + 1:
                 self._value += 1
                 self._version = version + 1
 
     def forget(self):
         """Read the buffer again next time (after an increment the host could not know)."""
-        self._source = dead_ref
+        self._source = None
 
 
 def defers_checks(x):
