@@ -253,7 +253,8 @@ def test_fold_refuses_training_mode_and_other_layers():
 
 # --- bad input --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [lambda: PowerNorm(C), lambda: MaskedBatchNorm(C)])
+@pytest.mark.parametrize("make", [lambda: PowerNorm(C), lambda: MaskedBatchNorm(C),
+                                  lambda: GroupScaling(C, 2), lambda: GroupScaling(C, 2).eval()])
 def test_wrong_rank_and_feature_size(make):
     norm = make()
     with pytest.raises(ValueError, match=r"\(T, B, C\)"):
@@ -396,6 +397,11 @@ def test_numpy_integers_are_accepted_and_bools_refused():
     for make in (PowerNorm, MaskedBatchNorm):
         with pytest.raises(ValueError, match=f"{make.__name__} num_features must be an integer"):
             make(True)
+
+
+def test_group_scaling_refuses_an_eps_that_gives_nan():
+    with pytest.raises(ValueError, match="GroupScaling eps must be a positive finite number"):
+        GroupScaling(C, 2, eps=0.0)  # a group of zeros would be 0 / 0
 
 
 def test_masked_batch_norm_settings_are_checked_when_assigned():

@@ -12,7 +12,7 @@ It has no parameters and no batch statistics, so padding plays no part. Backward
 import torch
 from torch import nn
 
-from ._util import checked_int
+from ._util import check_input, checked_eps, checked_int
 from .kernels import EAGER, kernels_for
 
 
@@ -70,11 +70,12 @@ class GroupScaling(nn.Module):
 
     def __init__(self, num_features, group_num, eps=1e-5):
         super().__init__()
-        self.num_features = num_features
+        self.num_features = checked_int(num_features, "GroupScaling num_features", 1)
         self.group_num = check_groups(num_features, group_num)
-        self.eps = eps
+        self.eps = checked_eps(eps, "GroupScaling")
 
     def forward(self, x, padding_mask=None):
+        check_input(x, self.num_features, "GroupScaling")
         if not self.training:
             return traceable_group_rms_scale(x, self.group_num, self.eps)
         return group_rms_scale(x, self.group_num, self.eps)
