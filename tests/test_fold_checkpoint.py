@@ -139,6 +139,37 @@ def test_folded_checkpoint_refused_by_a_trainable_model_naming_fold_norms(traine
     model.load_state_dict(safe_load(folded_power[0])["model"], strict=True)
 
 
+def test_folded_language_model_refused_by_a_trainable_model_naming_fold_norms(trained_models):
+    # the decoder's final norm is not folded (it feeds the output projection), so the folded
+    # file still holds some of the model's statistics
+    from powernorm_plugin.checkpoint.safe_load import safe_load
+    from powernorm_plugin.models import PowerNormTransformerLanguageModel
+    from powernorm_plugin.models.folding import fold_checkpoint_state
+
+    path = os.path.join(trained_models["lm"]["dir"], "checkpoint_last.pt")
+    checkpoint = safe_load(path)
+    fold_checkpoint_state(checkpoint)
+    assert "decoder.layer_norm.running_phi" in checkpoint["model"]
+    model = PowerNormTransformerLanguageModel.from_pretrained(
+        trained_models["lm"]["dir"], checkpoint_file="checkpoint_last.pt",
+        data_name_or_path=trained_models["lm_data"]).models[0]
+    with pytest.raises(RuntimeError, match="it was written by fold_norms, for inference only"):
+        model.load_state_dict(checkpoint["model"], strict=True)
+
+
+def test_fold_refuses_a_model_with_cross_self_attention(trained_models):
+    # there the decoder's self-attention reads the encoder's output through its k and v
+    # projections too: folding the encoder's final norm into encoder_attn alone changed the
+    # translations
+    from powernorm_plugin.checkpoint.safe_load import safe_load
+    from powernorm_plugin.models.folding import FoldError, cfg_set, fold_checkpoint_state
+
+    checkpoint = safe_load(os.path.join(trained_models["power"]["dir"], "checkpoint_best.pt"))
+    cfg_set(checkpoint["cfg"]["model"], "cross_self_attention", True)
+    with pytest.raises(FoldError, match="--cross-self-attention.*encoder.layer_norm"):
+        fold_checkpoint_state(checkpoint)
+
+
 def test_folded_checkpoint_is_written_with_the_usual_permissions(folded_power):
     umask = os.umask(0)
     os.umask(umask)

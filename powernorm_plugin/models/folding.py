@@ -23,7 +23,10 @@ pre-affine features); only the decoder's encoder-attention reads it, so translat
 unchanged, but code reading ``encoder_out`` directly sees the difference.
 
 Post-norm models (``normalize_before`` off) are refused: their norms feed the residual
-stream, which no single linear layer reads.
+stream, which no single linear layer reads. So are models trained with
+``--cross-self-attention`` where the encoder's final norm or a decoder self-attention norm
+would be folded: there the decoder's self-attention reads the encoder's output and its own
+input through the same k and v projections, which can absorb only one of the two norms.
 """
 import re
 
@@ -94,6 +97,16 @@ def fold_plan(model_cfg, state):
                        for i in range(dec_layers) for p in "kv"]
             if readers and all(f"{r}.weight" in state for r in readers):
                 plan.append(("encoder.layer_norm", ff_kind, readers))
+    if cfg_get(model_cfg, "cross_self_attention", False):
+        shared = [prefix for prefix, _, _ in plan if prefix == "encoder.layer_norm"
+                  or (prefix.startswith("decoder.") and prefix.endswith(".self_attn_layer_norm"))]
+        if shared:
+            raise FoldError(
+                f"the model uses --cross-self-attention: each decoder layer's self-attention "
+                f"reads the encoder's output and its own input through the same k and v "
+                f"projections, which cannot absorb two different norms ({shared[0]} would be "
+                f"folded into them)"
+            )
     return plan
 
 

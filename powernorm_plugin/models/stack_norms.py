@@ -152,13 +152,14 @@ class PluginNormsMixin:
         try:
             return super().load_state_dict(state_dict, strict, *args, **kwargs)
         except RuntimeError as error:
-            statistics = [key for key in self.state_dict()
-                          if key.endswith((".running_phi", ".running_mean"))]
-            if strict and statistics and not any(key in state_dict for key in statistics):
+            # (a fold leaves the decoder's final norm, which feeds the output projection)
+            missing = [key for key in self.state_dict()
+                       if key.endswith((".running_phi", ".running_mean")) and key not in state_dict]
+            if strict and missing:
                 raise RuntimeError(
-                    f"the checkpoint holds none of this model's PowerNorm/BatchNorm statistics "
-                    f"({statistics[0]}, ...): it was written by fold_norms, for inference only "
-                    f"(fairseq-generate --path FILE), or by a model with other "
+                    f"the checkpoint lacks {len(missing)} of this model's PowerNorm/BatchNorm "
+                    f"statistics ({missing[0]}, ...): it was written by fold_norms, for "
+                    f"inference only (fairseq-generate --path FILE), or by a model with other "
                     f"--encoder-norm-*/--decoder-norm-* settings. Train from the checkpoint "
                     f"before folding."
                 ) from error
