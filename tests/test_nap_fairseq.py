@@ -260,8 +260,13 @@ def test_projection_under_every_precision_mode(kind, mode, model_tol, monkeypatc
     assert moved > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["fp32", "fp16", "fp16-no-flatten", "memory-efficient-fp16"])
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "fp16-no-flatten", "memory-efficient-fp16",
+                                  "amp"])
 def test_state_dict_saves_and_restores_targets(kind, monkeypatch):
+    # (AMPOptimizer saves and loads the torch optimizer's state dict directly, past NaP's)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*GradScaler.*")
     model, params, opt, nap = _build(kind, ["--nap-every", "2"], monkeypatch)
     for step in range(3):
         opt.zero_grad()
@@ -281,6 +286,9 @@ def test_state_dict_saves_and_restores_targets(kind, monkeypatch):
         elif kind == "memory-efficient-fp16":
             _, cfg = parse(["--optimizer", "nap_adam", "--lr", "0.01", "--use-old-adam", "--memory-efficient-fp16", "--nap-every", "2"])
             opt2 = optim.MemoryEfficientFP16Optimizer.build_optimizer(cfg, params)
+        elif kind == "amp":
+            _, cfg = parse(["--optimizer", "nap_adam", "--lr", "0.01", "--use-old-adam", "--amp", "--nap-every", "2"])
+            opt2 = optim.AMPOptimizer.build_optimizer(cfg, params)
         else:
             extra = ["--fp16"] + (["--fp16-no-flatten-grads"] if kind == "fp16-no-flatten" else [])
             _, cfg = parse(["--optimizer", "nap_adam", "--lr", "0.01", "--use-old-adam", "--nap-every", "2"] + extra)
@@ -424,6 +432,18 @@ def test_plot_command_makes_a_png(nap_vs_adam, tmp_path):
     assert head == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_reads_logs_whose_intervals_had_no_projection(tmp_path):
+    # with --nap-every N > 1 an interval without a projection logs the NaP values as null
+    from powernorm_plugin.cli.plot_nap import read_log
+
+    log = tmp_path / "train.log"
+    row = '{"num_updates": "%d", "lr": "0.001", "nap_elr_mean": %s, "nap_ratio_mean": %s}'
+    log.write_text("\n".join(f"2026-11-28 | INFO | train_inner | {row % args}" for args in [
+        (5, "null", "null"), (10, '"2.5"', '"1.0"')]) + "\n")
+    assert read_log(str(log)) == [
+        {"num_updates": 10.0, "lr": 0.001, "nap_elr_mean": 2.5, "nap_ratio_mean": 1.0}]
+
+
 @pytest.mark.parametrize("lo, hi", [(1 - 3e-7, 1 + 2e-7), (0.9999, 1.00001), (0, 400),
                                      (2e-4, 9e-4), (1.0, 1.0)])
 def test_plot_axis_labels_tell_the_ticks_apart(lo, hi):
@@ -443,10 +463,12 @@ def test_fairseq_train_resume_restores_nap_state(data_bin, tmp_path):
     NaP's own state (target norms, step counter) and the model must continue exactly. With
     ``--nap-every 5`` and N = 36 the checkpointed weights are *not* at their target
     norms, so targets re-recorded from the loaded weights (instead of restored), or weights
-    projected again as they load, would show.
+    projected again as they load, would show. The attention output biases, included here,
+    start at zero: both runs must leave them unprojected.
     """
     n = 36  # two epochs of 18 updates
-    extra = ["--nap-norm-params", "joint", "--nap-every", "5", "--dropout", "0"]
+    extra = ["--nap-norm-params", "joint", "--nap-every", "5", "--dropout", "0",
+             "--nap-include", r"out_proj\.bias"]
     _run(train_cmd(data_bin, str(tmp_path / "one"), "nap_adam", 2 * n, extra), str(tmp_path))
     _run(train_cmd(data_bin, str(tmp_path / "two"), "nap_adam", n, extra), str(tmp_path))
     mid = load_ckpt(str(tmp_path / "two" / "checkpoint_last.pt"))
@@ -459,6 +481,8 @@ def test_fairseq_train_resume_restores_nap_state(data_bin, tmp_path):
     s1, s2, sm = (c["last_optimizer_state"]["nap"] for c in (one, two, mid))
     assert sm["num_steps"] == n and s1["num_steps"] == s2["num_steps"] == 2 * n
     assert s1["projector"]["names"] == s2["projector"]["names"]
+    assert s1["projector"]["skipped"] == s2["projector"]["skipped"]
+    assert s2["projector"]["skipped"] and all("out_proj.bias" in n for n in s2["projector"]["skipped"])
     assert torch.equal(s1["projector"]["targets"], s2["projector"]["targets"])
     assert torch.equal(sm["projector"]["targets"], s2["projector"]["targets"])
     assert one["model"].keys() == two["model"].keys()

@@ -45,6 +45,15 @@ def test_classify_parameters_by_module_type():
     assert kinds["output_projection.weight"] == "output"
 
 
+def test_vectors_stored_with_extra_dimensions_of_one_are_left_free():
+    # attention's extra key/value biases are (1, 1, E): biases, not matrices
+    kinds = classify_parameters(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    assert kinds["bias_k"] == kinds["bias_v"] == "vector"
+    assert kinds["in_proj_weight"] == kinds["out_proj.weight"] == "matrix"
+    assert classify_by_name("fc.weight_g", (5, 1)) == "vector"  # weight norm's magnitudes
+    assert classify_by_name("conv.weight", (8, 1, 3)) == "matrix"
+
+
 def test_classify_by_name_fairseq_names():
     assert classify_by_name("decoder.output_projection.weight", (10, 4)) == "output"
     assert classify_by_name("encoder.embed_tokens.weight", (10, 4)) == "embedding"
@@ -225,6 +234,64 @@ def test_state_dict_roundtrip_by_name():
     assert p2.targets[1].item() == pytest.approx(c.norm().item())
     with pytest.raises(KeyError):
         p2.load_state_dict(sd, strict=True)
+
+
+def test_groups_skipped_at_zero_stay_skipped_after_a_resume():
+    # a zero-initialised matrix is never projected in an uninterrupted run; a resumed run
+    # records targets from weights that have trained away from zero, and must drop it again
+    a, z = torch.randn(3, 3), torch.zeros(4, 4)
+    p1 = NormProjector([[a], [z]], ["a", "z"])
+    assert p1.names == ["a"] and p1.skipped == ["z"]
+    sd = p1.state_dict()
+    z.add_(0.5)  # trained since
+    p2 = NormProjector([[a], [z]], ["a", "z"])
+    assert p2.names == ["a", "z"]
+    assert p2.load_state_dict(sd) == []
+    assert p2.names == ["a"] and p2.skipped == ["z"] and p2.num_tensors == 1
+    a.mul_(3)
+    p2.project_()
+    assert a.norm().item() == pytest.approx(p1.targets[0].item(), rel=1e-6)
+    assert torch.equal(z, torch.full((4, 4), 0.5))
+
+
+def test_projector_under_a_float64_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+        proj = NormProjector.from_module(m)
+        with torch.no_grad():
+            m[0].weight.mul_(2)
+        proj.project_()
+        assert proj.targets.dtype == torch.float32
+        assert (proj.norms() / proj.targets - 1).abs().max().item() < 1e-6
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_attach_every_n_steps_keeps_its_phase_across_a_resume():
+    torch.manual_seed(0)
+    steps = []
+    for run in ("whole", "resumed"):
+        m = nn.Linear(4, 4)
+        w0 = m.weight.detach().clone()
+        proj = NormProjector.from_module(m)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        handle = proj.attach(opt, every=3)
+        projected = []
+        for step in range(1, 8):
+            if run == "resumed" and step == 5:  # a new projector and hook, from the state
+                state = proj.state_dict()
+                handle.remove()
+                proj = NormProjector.from_module(m)
+                proj.load_state_dict(state)
+                handle = proj.attach(opt, every=3)
+            opt.zero_grad()
+            m.weight.grad = torch.ones_like(m.weight)
+            opt.step()
+            projected.append(abs(m.weight.norm().item() - w0.norm().item()) < 1e-6)
+        steps.append(projected)
+    assert steps[0] == steps[1] and steps[0][2] and steps[0][5] and not steps[0][3]
 
 
 def test_attach_to_plain_torch_optimizer():

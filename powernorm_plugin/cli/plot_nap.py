@@ -44,9 +44,11 @@ def read_log(path: str, tag: str = "train_inner") -> List[Dict[str, float]]:
                 rec = json.loads(blob)
             except json.JSONDecodeError:
                 continue
-            if "num_updates" not in rec or "nap_elr_mean" not in rec:
+            # (with --nap-every N > 1, an interval without a projection logs the NaP values
+            # as null)
+            if "num_updates" not in rec or rec.get("nap_elr_mean") is None:
                 continue
-            rows.append({k: float(rec[k]) for k in KEYS if k in rec})
+            rows.append({k: float(rec[k]) for k in KEYS if rec.get(k) is not None})
     rows.sort(key=lambda r: r["num_updates"])
     return rows
 

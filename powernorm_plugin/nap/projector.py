@@ -18,10 +18,10 @@ def _foreach_norm_fp32(tensors: List[torch.Tensor]) -> torch.Tensor:
     float64 tensors, which torch will not narrow)."""
     global _HAS_FOREACH_NORM_DTYPE
     if not tensors:
-        return torch.zeros(0)
+        return torch.zeros(0, dtype=torch.float32)
     wide = [i for i, t in enumerate(tensors) if t.dtype == torch.float64]
     if wide:  # their norms in float64, the others' as below, each in its place
-        norms = torch.empty(len(tensors), device=tensors[0].device)
+        norms = torch.empty(len(tensors), device=tensors[0].device, dtype=torch.float32)
         norms[wide] = torch.stack(torch._foreach_norm([tensors[i] for i in wide], 2)).float()
         rest = [i for i, t in enumerate(tensors) if t.dtype != torch.float64]
         if rest:
@@ -64,6 +64,7 @@ class NormProjector:
         if len(set(names)) != len(names):
             raise ValueError("group names must be unique")
         self.skipped: List[str] = []
+        self.attached_steps = 0  # optimizer steps seen by attach()'s hook
         self._setup([list(g) for g in groups], list(names))
         if targets is None:
             self.record_targets(skip_zero=skip_zero)
@@ -118,11 +119,11 @@ class NormProjector:
     def norms(self) -> torch.Tensor:
         """Current norm of every group (float32, on the projector's device)."""
         if not self._tensors:
-            return torch.zeros(0)
+            return torch.zeros(0, dtype=torch.float32)
         if len(self._buckets) == 1:
             tn = _foreach_norm_fp32(self._buckets[0][1]).to(self.device)
         else:
-            tn = torch.empty(len(self._tensors), device=self.device)
+            tn = torch.empty(len(self._tensors), device=self.device, dtype=torch.float32)
             for _, ts, idx in self._buckets:
                 tn[idx] = _foreach_norm_fp32(ts).to(self.device)
         if self._single:
@@ -210,32 +211,45 @@ class NormProjector:
             "names": list(self.names),
             "targets": self.targets.detach().float().cpu().clone(),
             "skipped": list(self.skipped),
+            "attached_steps": self.attached_steps,
         }
 
     def load_state_dict(self, state: dict, strict: bool = False) -> List[str]:
-        """Restore targets by group name. Returns the names of groups that kept their
-        freshly recorded targets (not in ``state``); ``strict`` makes that an error."""
+        """Restore targets by group name, and leave out again the groups ``state`` skipped
+        (a norm of zero when its targets were recorded: the run that saved it never projects
+        them, though they have trained away from zero since). Returns the names of groups
+        that kept their freshly recorded targets (in neither list of ``state``); ``strict``
+        makes that an error."""
         saved = dict(zip(state["names"], torch.as_tensor(state["targets"]).float().tolist()))
+        skipped = set(state.get("skipped", ())) - saved.keys()
+        if any(n in skipped for n in self.names):
+            keep = [i for i, n in enumerate(self.names) if n not in skipped]
+            self.skipped += [n for n in self.names if n in skipped]
+            targets = self.targets[torch.tensor(keep, dtype=torch.long, device=self.targets.device)]
+            self._setup([self.groups[i] for i in keep], [self.names[i] for i in keep])
+            self.targets = targets
         missing = [n for n in self.names if n not in saved]
         if strict and missing:
             raise KeyError("NaP state has no target norm for " + ", ".join(missing))
         cur = self.targets.detach().float().cpu().tolist()
         new = [saved.get(n, c) for n, c in zip(self.names, cur)]
         self.set_targets(torch.tensor(new, dtype=torch.float32))
+        self.attached_steps = int(state.get("attached_steps", 0))
         return missing
 
     # ------------------------------------------------------- plain PyTorch use
     def attach(self, optimizer: torch.optim.Optimizer, every: int = 1):
         """Project after every ``every``-th ``optimizer.step()`` (plain PyTorch).
 
-        Returns the hook handle (``handle.remove()`` detaches)."""
+        The steps are counted in ``attached_steps``, which :meth:`state_dict` saves, so a
+        resumed run projects at the steps an uninterrupted one does. Returns the hook handle
+        (``handle.remove()`` detaches)."""
         if every < 1:
             raise ValueError("every must be >= 1")
-        counter = {"n": 0}
 
         def hook(opt, args, kwargs):
-            counter["n"] += 1
-            if counter["n"] % every == 0:
+            self.attached_steps += 1
+            if self.attached_steps % every == 0:
                 self.project_()
 
         return optimizer.register_step_post_hook(hook)

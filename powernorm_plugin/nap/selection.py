@@ -4,8 +4,10 @@ Pure PyTorch: no fairseq import.
 
 Every parameter gets a *kind*:
 
-``matrix``       a weight with two or more dimensions (linear, convolution, attention)
-``vector``       any other one-dimensional parameter (biases, gates, ...)
+``matrix``       a weight with two or more dimensions longer than 1 (linear, convolution,
+                 attention)
+``vector``       any other parameter (biases, gates, ...; also those stored with extra
+                 dimensions of 1, as attention's ``bias_k`` or weight norm's ``weight_g``)
 ``embedding``    the weight of an embedding table (token or learned positional)
 ``output``       the output projection onto the vocabulary (when not tied to an embedding)
 ``norm_scale``   the scale (gain, ``weight``) of a normalization layer
@@ -70,7 +72,7 @@ def classify_by_name(name: str, shape: Sequence[int]) -> str:
         return _norm_kind(name.rsplit(".", 1)[-1].lower())
     if len(shape) >= 2 and EMBEDDING_RE.search(name):
         return "embedding"
-    return "matrix" if len(shape) >= 2 else "vector"
+    return "matrix" if sum(size > 1 for size in shape) >= 2 else "vector"
 
 
 def classify_parameters(module: nn.Module, prefix: str = "") -> Dict[str, str]:

@@ -125,13 +125,12 @@ class NaPOptimizer(FairseqOptimizer):
         self.projector = NormProjector(
             [[views[i] for i in g.members] for g in groups], [g.name for g in groups]
         )
-        if flat is not None:
+        if flat is not None:  # each group's views, as (offset, shape) in the flat buffer
             esize = flat.element_size()
-            self._flat_layout = [
-                ((t.data_ptr() - self._flat_ptr) // esize, t.shape)
-                for g in self.projector.groups
-                for t in g
-            ]
+            self._flat_layout = {
+                name: [((t.data_ptr() - self._flat_ptr) // esize, t.shape) for t in g]
+                for name, g in zip(self.projector.names, self.projector.groups)
+            }
         if self.projector.skipped:
             logger.info(
                 "NaP: skipping %d parameter group(s) with zero initial norm: %s",
@@ -154,6 +153,11 @@ class NaPOptimizer(FairseqOptimizer):
         )
         self._num_steps = 0
         self._pending_post = None
+        self._loading = False
+        try:
+            self._hook_state_dict(self.base.optimizer)
+        except NotImplementedError:  # a fairseq optimizer with no torch optimizer (yet)
+            pass
 
     # ------------------------------------------------------------ delegation
     def __getattr__(self, name):
@@ -175,6 +179,7 @@ class NaPOptimizer(FairseqOptimizer):
     @optimizer.setter
     def optimizer(self, optimizer):
         self.base.optimizer = optimizer
+        self._hook_state_dict(optimizer)
 
     @property
     def optimizer_config(self):
@@ -251,7 +256,7 @@ class NaPOptimizer(FairseqOptimizer):
     @torch.no_grad()
     def _after_step(self):
         self._num_steps += 1
-        if self._num_steps % self.nap_every != 0:
+        if self._num_steps % self.nap_every != 0 or len(self.projector) == 0:
             return
         self._check_flat_buffer()
         norms = self.projector.norms()
@@ -286,14 +291,8 @@ class NaPOptimizer(FairseqOptimizer):
         if self._flat is None or self._flat.data_ptr() == self._flat_ptr:
             return
         data = self._flat.detach()
-        layout = iter(self._flat_layout)
-        groups = []
-        for g in self.projector.groups:
-            views = []
-            for _ in g:
-                off, shape = next(layout)
-                views.append(data[off : off + shape.numel()].view(shape))
-            groups.append(views)
+        groups = [[data[off : off + shape.numel()].view(shape) for off, shape in self._flat_layout[name]]
+                  for name in self.projector.names]
         self.projector.replace_tensors(groups)
         self._flat_ptr = self._flat.data_ptr()
 
@@ -315,7 +314,32 @@ class NaPOptimizer(FairseqOptimizer):
     def load_state_dict(self, state_dict, optimizer_overrides=None):
         sd = dict(state_dict)
         nap = sd.pop(STATE_KEY, None)
-        self.base.load_state_dict(sd, optimizer_overrides)
+        self._loading = True
+        try:
+            self.base.load_state_dict(sd, optimizer_overrides)
+        finally:
+            self._loading = False
+        self._load_nap_state(nap)
+
+    def _hook_state_dict(self, optimizer):
+        """Carry NaP's state in the torch optimizer's own state dict too. fairseq's
+        AMPOptimizer saves and loads ``optimizer.state_dict()`` of the torch optimizer
+        directly, past :meth:`state_dict` and :meth:`load_state_dict` above."""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.register_state_dict_post_hook(self._add_nap_state)
+            optimizer.register_load_state_dict_pre_hook(self._take_nap_state)
+
+    def _add_nap_state(self, optimizer, state_dict):
+        state_dict[STATE_KEY] = self.nap_state_dict()
+
+    def _take_nap_state(self, optimizer, state_dict):
+        if self._loading:  # from load_state_dict above, which restores NaP's state itself
+            return None
+        state_dict = dict(state_dict)
+        self._load_nap_state(state_dict.pop(STATE_KEY, None))
+        return state_dict
+
+    def _load_nap_state(self, nap):
         if nap is None:
             logger.warning(
                 "NaP: the optimizer state has no NaP targets (checkpoint from another "
