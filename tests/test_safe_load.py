@@ -270,6 +270,23 @@ def test_broadcast_allowlist_is_for_the_call_only_and_keeps_what_was_there():
         torch.serialization.add_safe_globals(saved)
 
 
+def test_a_checkpoint_cut_anywhere_is_an_unreadable_checkpoint(tmp_path):
+    # torch's zip reader raises RuntimeError or, where the cut leaves a central directory
+    # that points past the end (most lengths), OSError EINVAL
+    from powernorm_plugin.checkpoint.safe_load import UnreadableCheckpointError, safe_load
+
+    path = tmp_path / "full.pt"
+    torch.save({"model": {f"w{i}": torch.randn(100, 100) for i in range(2)}}, path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for length in range(500, len(data), 2500):
+        cut.write_bytes(data[:length])
+        with pytest.raises(UnreadableCheckpointError, match="as a torch checkpoint"):
+            safe_load(cut)
+    with pytest.raises(FileNotFoundError):
+        safe_load(tmp_path / "missing.pt")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_errors_that_are_not_about_the_file_stay_as_they_are(tmp_path):
     # only a truncated or foreign file becomes UnreadableCheckpointError

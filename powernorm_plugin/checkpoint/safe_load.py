@@ -35,6 +35,7 @@ when the user has set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
 """
 import argparse
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -68,11 +69,15 @@ def _unreadable(source: "PathOrFile", error: Exception) -> UnreadableCheckpointE
 
 def _unreadable_file(error: Exception) -> bool:
     """Whether torch.load's ``error`` says the file is not a complete checkpoint: a truncated
-    zip file or a corrupt legacy one (their readers' RuntimeError), or other bytes read as a
-    legacy pickle (KeyError, EOFError). Other errors (a map_location without its device, out
-    of memory) are not about the file, and stay as they are."""
+    zip file or a corrupt legacy one (their readers' RuntimeError; the zip reader's OSError
+    EINVAL, without a file name, where the cut leaves a central directory that points past
+    the end), or other bytes read as a legacy pickle (KeyError, EOFError). Other errors (a
+    map_location without its device, out of memory, a file that cannot be opened) are not
+    about the file's contents, and stay as they are."""
     if isinstance(error, (KeyError, EOFError)):
         return True
+    if isinstance(error, OSError):
+        return error.errno == errno.EINVAL and error.filename is None
     return isinstance(error, RuntimeError) and (
         "PytorchStreamReader" in str(error) or "magic number" in str(error))
 
@@ -197,7 +202,7 @@ def _reading(source: PathOrFile):
         yield
     except pickle.UnpicklingError as error:
         raise _translate(source, error) from None
-    except (RuntimeError, KeyError, EOFError) as error:
+    except (RuntimeError, KeyError, EOFError, OSError) as error:
         if not _unreadable_file(error):
             raise
         raise _unreadable(source, error) from error
