@@ -432,6 +432,20 @@ def test_plot_command_makes_a_png(nap_vs_adam, tmp_path):
     assert head == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_names_a_missing_log_or_output_folder_in_one_line(tmp_path, capsys):
+    from powernorm_plugin.cli.plot_nap import main
+
+    log = tmp_path / "train.log"
+    log.write_text("")
+    for log_path, output, message in (
+            (tmp_path / "nope.log", tmp_path / "x.png", "nope.log: no such log file"),
+            (log, tmp_path / "nodir" / "x.png", "nodir does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(log_path), "-o", str(output)])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_plot_reads_logs_whose_intervals_had_no_projection(tmp_path):
     # with --nap-every N > 1 an interval without a projection logs the NaP values as null
     from powernorm_plugin.cli.plot_nap import read_log

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Dict, List
 
+from ._paths import check_output
 from ._png import Canvas
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
@@ -200,8 +201,11 @@ def main(argv=None):
     labels = a.label or [os.path.splitext(os.path.basename(x))[0] for x in a.logs]
     if len(labels) != len(a.logs):
         p.error("give one --label per log")
+    check_output(p, a.output, a.logs)
     runs = []
     for path in a.logs:
+        if not os.path.isfile(path):
+            p.error(f"{path}: no such log file")
         rows = read_log(path, a.tag)
         if not rows:
             p.error(f"{path}: no '{a.tag}' JSON log line with nap_elr_mean (run with --log-format json and a nap_* optimizer)")
