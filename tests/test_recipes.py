@@ -326,6 +326,16 @@ def test_a_failed_tool_is_an_error_line_not_a_traceback(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_compare_refuses_a_norm_named_twice_before_any_work(tmp_path, capsys):
+    from powernorm_plugin.recipes.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "ptb", "--workdir", str(tmp_path), "--norms", "ln,bn,ln", "--gpus", "0"])
+    assert exit_.value.code == 2
+    assert "--norms names ln more than once" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verify_rejects_wrong_checksum_and_missing_members(tmp_path):
     path = make_ptb(str(tmp_path))
     spec = RECIPES["ptb"].archives[0]

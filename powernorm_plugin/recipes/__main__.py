@@ -28,6 +28,9 @@ def _norms(value: str) -> List[str]:
     if bad or not norms:
         raise argparse.ArgumentTypeError(
             f"--norms takes a comma-separated list of {', '.join(NORMS)}; got {value!r}")
+    twice = sorted({n for n in norms if norms.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"--norms names {', '.join(twice)} more than once")
     return norms
 
 
