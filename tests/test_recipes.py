@@ -89,10 +89,13 @@ def mteval_xml(sentences, setid, lang, ref):
     return "\n".join(body) + "\n"
 
 
-def make_iwslt14(folder, train=300, per_test=6):
+def make_iwslt14(folder, train=300, per_test=6, quote=""):
+    """``quote``: a text added to the first training pair's and every test set's first
+    sentence, on both sides."""
     pairs = parallel(1, train)
     # a line separator inside a sentence (real TED text has them) must not split the line
     pairs[5] = (pairs[5][0].replace(" ", " \u2028", 1), pairs[5][1])
+    pairs[0] = (pairs[0][0] + quote, pairs[0][1] + quote)
     path = os.path.join(folder, "de-en.tgz")
     with tarfile.open(path, "w:gz") as tf:
         for i, lang in enumerate(("de", "en")):
@@ -100,6 +103,7 @@ def make_iwslt14(folder, train=300, per_test=6):
             for j, name in enumerate(("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
                                       "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012", "IWSLT14.TED.tst2013")):
                 segs = [p[i] for p in parallel(100 + j, per_test)]
+                segs[0] += quote
                 _add(tf, f"de-en/{name}.de-en.{lang}.xml", mteval_xml(segs, name, lang, ref=lang == "en"))
         _add(tf, "de-en/README", "IWSLT 2014 de-en\n")
     return path
@@ -182,6 +186,21 @@ def test_iwslt_tags_keep_talk_text_and_drop_metadata():
     lines = iwslt_tags(["Erster Satz.", "Zweiter Satz."], "de").splitlines()
     assert list(text.iwslt_tags_sentences(lines)) == [
         "Titel 0", "TED Talk Subtitles and Transcript: text", "Erster Satz.", "Zweiter Satz."]
+
+
+def test_iwslt14_test_sets_write_right_single_quotes_as_apostrophes(tmp_path):
+    # as fairseq's prepare-iwslt14.sh does (sed "s/\u2019/'/g" on the test sets' segments
+    # only): BLEU is taken on those references
+    from powernorm_plugin.recipes.prepare import _raw_iwslt14
+
+    path = make_iwslt14(str(tmp_path), train=30, per_test=2, quote=" it\u2019s")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _raw_iwslt14(str(raw), {"de-en.tgz": {"path": path}})
+    for lang in ("de", "en"):
+        test = text.read_lines(str(raw / f"test.{lang}"))
+        assert len(test) == 10 and test[0].endswith(" it's") and "\u2019" not in "".join(test)
+        assert any(line.endswith(" it\u2019s") for line in text.read_lines(str(raw / f"train.{lang}")))
 
 
 def test_seg_sentences_reads_xml_and_sgm_in_order_and_decodes_entities():

@@ -99,7 +99,10 @@ def _raw_iwslt14(folder: str, fetched: Mapping) -> None:
             segs = {}
             for lang in (src, tgt):
                 member = f"de-en/{name}.de-en.{lang}.xml"
-                segs[lang] = text.seg_sentences(_read_text(files[member], member))
+                # fairseq's prepare-iwslt14.sh writes the test sets' right single quotes as
+                # apostrophes (its training text keeps them): the references BLEU is taken on
+                segs[lang] = [s.replace("\u2019", "'") for s in
+                              text.seg_sentences(_read_text(files[member], member))]
             text.check_parallel(segs[src], segs[tgt], f"de-en.tgz: {name}.de-en.{{de,en}}.xml")
             for lang in (src, tgt):
                 test[lang] += segs[lang]
