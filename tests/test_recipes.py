@@ -493,6 +493,37 @@ def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch, caplog):
     assert len(runs) == 3
 
 
+def test_an_interrupted_training_resumes_only_with_the_arguments_it_started_with(tmp_path,
+                                                                                  monkeypatch):
+    from powernorm_plugin.recipes import fairseq_run
+    from powernorm_plugin.recipes.run import TRAINING_DONE, TRAINING_STARTED, train
+
+    (tmp_path / "data-bin").mkdir()
+    save_dir = tmp_path / "checkpoints" / "pn"
+    runs = []
+
+    def fake_train(argv, log_path=None):
+        runs.append(list(argv))
+        (save_dir / "checkpoint_last.pt").write_bytes(b"")
+        if len(runs) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fairseq_run, "train", fake_train)
+    with pytest.raises(KeyboardInterrupt):
+        train("ptb", str(tmp_path), "pn", gpus=0, max_tokens=256)
+    with pytest.raises(ValueError, match=r"interrupted training started with other arguments "
+                                         r"\(was: --max-tokens 256; now: --max-tokens 128 \| "
+                                         r"was: --update-freq \d+; now: --update-freq 3\)"):
+        train("ptb", str(tmp_path), "pn", gpus=0, max_tokens=128, update_freq=3)
+    assert len(runs) == 1
+    argv = train("ptb", str(tmp_path), "pn", gpus=0, max_tokens=256)  # as it started
+    assert runs[1] == argv and (save_dir / TRAINING_DONE).exists()
+    assert not (save_dir / TRAINING_STARTED).exists()
+    (save_dir / TRAINING_DONE).unlink()  # to train on, with other arguments
+    train("ptb", str(tmp_path), "pn", gpus=0, max_tokens=256, extra=["--max-epoch", "99"])
+    assert len(runs) == 3
+
+
 def _record(recipe, norm, nap, value):
     if recipe in ("ptb", "wikitext103"):
         return {"recipe": recipe, "norm": norm, "nap": nap, "metric": "ppl", "ppl": value, "loss_base2": 5.0}

@@ -2,8 +2,9 @@
 
 Work-directory layout (besides the data stages of :mod:`.prepare`)::
 
-    checkpoints/<variant>/     fairseq checkpoints and train.log of one variant, and
-                               training_done.json once its training has finished
+    checkpoints/<variant>/     fairseq checkpoints and train.log of one variant,
+                               training_started.json while its training is under way (or
+                               interrupted), training_done.json once it has finished
     results/<variant>/         generate-test.txt (translation) of the averaged model
     results/<variant>.json     the variant's figures; results/<variant>.md its table row
 
@@ -32,6 +33,8 @@ _NONCAUSAL = ("batch", "power_vanilla")
 
 #: Written into a variant's checkpoint folder when its training has finished.
 TRAINING_DONE = "training_done.json"
+#: Written there when its training starts: a resumed training must have the same arguments.
+TRAINING_STARTED = "training_started.json"
 
 
 def _user_dir() -> str:
@@ -134,7 +137,10 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
 
     fairseq does not keep its early-stopping count in the checkpoints, so resuming a training
     that stopped early would train at least --patience more epochs; a finished training is
-    recorded in ``training_done.json`` instead, and skipped while that file exists.
+    recorded in ``training_done.json`` instead, and skipped while that file exists. The
+    arguments a training started with are kept in ``training_started.json`` until it
+    finishes: an interrupted training is resumed only with the same ones (other batch sizes,
+    models or schedules for its last epochs would be credited to the whole run).
     """
     from . import fairseq_run
 
@@ -157,10 +163,35 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
             "" if same else ", with other arguments than these, which are not applied",
         )
         return argv
+    started = os.path.join(save_dir, TRAINING_STARTED)
+    if os.path.exists(started) and os.path.exists(os.path.join(save_dir, "checkpoint_last.pt")):
+        with open(started, encoding="utf-8") as f:
+            before = json.load(f)["argv"]
+        if _comparable(before) != _comparable(argv):
+            raise ValueError(
+                f"{save_dir} holds an interrupted training started with other arguments "
+                f"({_difference(_comparable(before), _comparable(argv))}): resuming it with "
+                f"these would credit the whole run to them. Run it again as it started, or "
+                f"delete {save_dir} to start over")
     os.makedirs(save_dir, exist_ok=True)
+    record = {"argv": argv, "command": shlex.join(["fairseq-train", *argv])}
+    write_json(started, record)
     fairseq_run.train(argv, log_path=os.path.join(save_dir, "train.log"))
-    write_json(done, {"argv": argv, "command": shlex.join(["fairseq-train", *argv])})
+    write_json(done, record)
+    os.remove(started)  # (training on after deleting the done file may take other arguments)
     return argv
+
+
+def _difference(before: Sequence[str], now: Sequence[str]) -> str:
+    """The arguments that differ between two argument lists, as ``was: ...; now: ...``."""
+    import difflib
+
+    parts = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=before, b=now, autojunk=False).get_opcodes():
+        if tag != "equal":
+            parts.append(f"was: {shlex.join(before[max(i1 - 1, 0):i2]) or '-'}; "
+                         f"now: {shlex.join(now[max(j1 - 1, 0):j2]) or '-'}")
+    return " | ".join(parts)
 
 
 def _comparable(argv: Sequence[str]) -> List[str]:
