@@ -179,3 +179,19 @@ def test_quickstart_rerun_with_other_settings_stops_and_names_them(finished_quic
     assert "another --workdir" in proc.stderr and "Traceback" not in proc.stderr
     assert "[quickstart]" not in proc.stderr and "+ fairseq" not in proc.stderr  # at once
     assert trained_state(work) == state and (work / "results.json").read_text() == results
+
+
+@pytest.mark.slow
+def test_quickstart_stopped_after_its_last_checkpoint_trains_no_further(finished_quickstart):
+    # stopped between fairseq-train's last checkpoint and finished.json: fairseq-train
+    # resumed from that checkpoint would make one update more (21 of 20)
+    work, _, _, state = finished_quickstart
+    (work / "checkpoints" / "ln" / "finished.json").unlink()
+    proc = run_quickstart(work, *TINY)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "reached 20 updates in an earlier run" in proc.stderr
+    assert trained_state(work) == state
+    record = json.loads((work / "results.json").read_text())
+    assert record["models"]["ln"]["train_seconds"] is None
+    assert "| LayerNorm |" in (work / "results.md").read_text()
+    assert "| unknown |" in (work / "results.md").read_text()

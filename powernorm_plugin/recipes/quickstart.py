@@ -13,7 +13,8 @@ A re-run in the same work folder reuses the corpus, the binarized data, the tran
 and every finished training (one with a ``finished.json`` next to its checkpoints, written
 when fairseq-train succeeded: it keeps the training time and validation curve), so it
 rescores to the same figures without training again; an interrupted training resumes from
-its last checkpoint. The folder's ``settings.json`` records the settings it was made with:
+its last checkpoint (its reported training time is then the last part's), and one stopped
+after its last checkpoint but before ``finished.json`` is recorded without another update. The folder's ``settings.json`` records the settings it was made with:
 a re-run that asks for other settings stops with an error before doing anything.
 (``seconds`` in ``results.json`` is the time of the run that wrote it.)
 """
@@ -75,6 +76,20 @@ def check_settings(workdir: str, settings: Dict) -> None:
         raise SettingsMismatch(
             f"{workdir} was made with other settings: {'; '.join(differ)}. Its corpus and models "
             f"belong to those; use another --workdir, or delete {workdir} to start over")
+
+
+def _updates(checkpoint: str) -> int:
+    """The update count a fairseq checkpoint was saved at."""
+    from ..checkpoint.safe_load import safe_load
+
+    return int(safe_load(checkpoint)["optimizer_history"][-1]["num_updates"])
+
+
+def _training_time(model: Dict) -> str:
+    """A model's training time for the results: a resumed training's is its last part's."""
+    if model["train_seconds"] is None:
+        return "unknown"
+    return f"{model['train_seconds']:.0f} s" + (" (its last part: resumed)" if model["resumed"] else "")
 
 
 def train_args(data: str, save_dir: str, norm_kind: str, max_update: int, validate_every: int,
@@ -168,19 +183,27 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
         save_dir = os.path.join(workdir, "checkpoints", norm)
         finished = os.path.join(save_dir, "finished.json")
         out_dir = os.path.join(workdir, "results", norm)
+        log_path = os.path.join(save_dir, "train.log")
+        last = os.path.join(save_dir, "checkpoint_last.pt")
         if os.path.exists(finished):
             _step(f"3/4 the {label} transformer finished training in an earlier run ({finished}): reused")
+        elif os.path.exists(last) and _updates(last) >= max_update:
+            # (fairseq-train resumed from there would make one update more)
+            _step(f"3/4 the {label} transformer reached {max_update} updates in an earlier run "
+                  f"that stopped before recording it: recorded now, its training time unknown")
+            write_json(finished, {"train_seconds": None, "resumed": True,
+                                  "valid_loss": valid_curve(log_path)})
         else:
             shutil.rmtree(out_dir, ignore_errors=True)  # translations of an older checkpoint
             os.makedirs(save_dir, exist_ok=True)
+            resumed = os.path.exists(last)
             t0 = time.time()
             _step(f"3/4 training the {label} transformer ({i + 1}/{len(VARIANTS)}, {max_update} updates; "
-                  f"fairseq logs every 50 updates)")
-            log_path = os.path.join(save_dir, "train.log")
+                  f"fairseq logs every 50 updates)" + (", resumed" if resumed else ""))
             fairseq_run.train(train_args(data, save_dir, kind, max_update, validate_every,
                                          powernorm_plugin.USER_DIR), log_path=log_path)
-            write_json(finished, {"train_seconds": round(time.time() - t0, 1),
-                                   "valid_loss": valid_curve(log_path)})
+            write_json(finished, {"train_seconds": round(time.time() - t0, 1), "resumed": resumed,
+                                  "valid_loss": valid_curve(log_path)})
         with open(finished, encoding="utf-8") as f:
             trained = json.load(f)
         train_s = trained["train_seconds"]
@@ -202,8 +225,10 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
         curves[label] = [tuple(p) for p in trained["valid_loss"]]
         record["models"][norm] = {"label": label, "bleu": bleu, "sacrebleu": sacre,
                                   "sacrebleu_signature": signature, "train_seconds": train_s,
+                                  "resumed": bool(trained.get("resumed")),
                                   "valid_loss": curves[label]}
-        _step(f"{label}: BLEU {bleu:.2f} (sacreBLEU {sacre:.2f}), trained in {train_s:.0f} s")
+        _step(f"{label}: BLEU {bleu:.2f} (sacreBLEU {sacre:.2f}), trained in "
+              f"{_training_time(record['models'][norm])}")
     png = os.path.join(workdir, "valid_loss.png")
     plot_curves(curves, png)
     record["seconds"] = round(time.time() - start, 1)
@@ -212,7 +237,7 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
     for norm, m in record["models"].items():
         final = m["valid_loss"][-1][1] if m["valid_loss"] else None
         table.append(f"| {m['label']} | {m['bleu']:.2f} | {m['sacrebleu']:.2f} | "
-                     f"{'-' if final is None else f'{final:.3f}'} | {m['train_seconds']:.0f} s |")
+                     f"{'-' if final is None else f'{final:.3f}'} | {_training_time(m)} |")
     with atomic_file(os.path.join(workdir, "results.md")) as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
