@@ -291,8 +291,10 @@ class NaPOptimizer(FairseqOptimizer):
         if self._flat is None or self._flat.data_ptr() == self._flat_ptr:
             return
         data = self._flat.detach()
-        groups = [[data[off : off + shape.numel()].view(shape) for off, shape in self._flat_layout[name]]
-                  for name in self.projector.names]
+        groups = [
+            [data[off : off + shape.numel()].view(shape) for off, shape in self._flat_layout[name]]
+            for name in self.projector.names
+        ]
         self.projector.replace_tensors(groups)
         self._flat_ptr = self._flat.data_ptr()
 

@@ -14,8 +14,9 @@ and every finished training (one with a ``finished.json`` next to its checkpoint
 when fairseq-train succeeded: it keeps the training time and validation curve), so it
 rescores to the same figures without training again; an interrupted training resumes from
 its last checkpoint (its reported training time is then the last part's), and one stopped
-after its last checkpoint but before ``finished.json`` is recorded without another update. The folder's ``settings.json`` records the settings it was made with:
-a re-run that asks for other settings stops with an error before doing anything.
+after its last checkpoint but before ``finished.json`` is recorded without another update.
+The folder's ``settings.json`` records the settings it was made with: a re-run that asks
+for other settings stops with an error before doing anything.
 (``seconds`` in ``results.json`` is the time of the run that wrote it.)
 """
 import argparse
@@ -89,7 +90,8 @@ def _training_time(model: Dict) -> str:
     """A model's training time for the results: a resumed training's is its last part's."""
     if model["train_seconds"] is None:
         return "unknown"
-    return f"{model['train_seconds']:.0f} s" + (" (its last part: resumed)" if model["resumed"] else "")
+    resumed = " (its last part: resumed)" if model["resumed"] else ""
+    return f"{model['train_seconds']:.0f} s{resumed}"
 
 
 def train_args(data: str, save_dir: str, norm_kind: str, max_update: int, validate_every: int,

@@ -187,7 +187,8 @@ def _difference(before: Sequence[str], now: Sequence[str]) -> str:
     import difflib
 
     parts = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=before, b=now, autojunk=False).get_opcodes():
+    matcher = difflib.SequenceMatcher(a=before, b=now, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag != "equal":
             parts.append(f"was: {shlex.join(before[max(i1 - 1, 0):i2]) or '-'}; "
                          f"now: {shlex.join(now[max(j1 - 1, 0):j2]) or '-'}")
