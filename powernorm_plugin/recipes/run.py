@@ -13,6 +13,7 @@ Normalize-and-Project. Translation models put the variant's norm in the encoder 
 self-attention and FFN inputs and its final norm) and LayerNorm throughout the decoder, as
 the paper's Table 1 runs; language models put it at every decoder norm.
 """
+import difflib
 import glob
 import json
 import logging
@@ -184,8 +185,6 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
 
 def _difference(before: Sequence[str], now: Sequence[str]) -> str:
     """The arguments that differ between two argument lists, as ``was: ...; now: ...``."""
-    import difflib
-
     parts = []
     matcher = difflib.SequenceMatcher(a=before, b=now, autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
