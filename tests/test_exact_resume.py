@@ -15,6 +15,8 @@ from conftest import RELIABILITY_LM_FLAGS, RELIABILITY_TRANSLATION_FLAGS, assert
 CONFIGS = {
     "translation": (RELIABILITY_TRANSLATION_FLAGS, 17),
     "lm": (RELIABILITY_LM_FLAGS + ["--max-tokens", "512"], 30),
+    # the trainer then seeds its iterator with seed + epoch
+    "translation-seeded": (RELIABILITY_TRANSLATION_FLAGS + ["--update-ordered-indices-seed"], 17),
 }
 OPTIMIZERS = ("adam", "nap_adam")
 
@@ -39,10 +41,11 @@ def _compared(state):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(fairseq_fork, reverse_task, counting_lm_task, tmp_path):
-    data = {"translation": reverse_task["data"], "lm": counting_lm_task}
+    data = {"translation": reverse_task["data"], "lm": counting_lm_task,
+            "translation-seeded": reverse_task["data"]}
     runs = {}
     for kind, (flags, n) in CONFIGS.items():
-        for opt in OPTIMIZERS:
+        for opt in OPTIMIZERS if kind != "translation-seeded" else ("adam",):
             common = [*flags, "--lr", "0.005", "--warmup-updates", "8",
                       "--powernorm-warmup", str(n + 8), "--dropout", "0.1",
                       "--attention-dropout", "0.1"]
@@ -86,3 +89,28 @@ def test_resumed_run_equals_uninterrupted_run(fairseq_fork, reverse_task, counti
         assert not torch.equal(half["model"][steps[0].replace("num_steps", "running_phi")],
                                full["model"][steps[0].replace("num_steps", "running_phi")])
         assert_same_state(_compared(split), _compared(full), where=name)
+
+
+@pytest.mark.slow
+def test_reduce_lr_on_plateau_resumes_with_its_counts(fairseq_fork, reverse_task, tmp_path):
+    # fairseq saves the scheduler's best loss, not how many epochs have not improved on it:
+    # a run resumed between two such epochs reduced the learning rate an epoch later
+    from conftest import USER_DIR
+
+    def argv(save_dir, max_update):
+        return [reverse_task["data"], "--user-dir", USER_DIR, "--cpu", "--optimizer", "adam",
+                "--adam-betas", "(0.9,0.98)", "--lr", "0.005", "--lr-scheduler",
+                "reduce_lr_on_plateau", "--lr-patience", "1", "--lr-threshold", "0.9",
+                "--lr-shrink", "0.5", "--max-update", str(max_update), "--seed", "3",
+                "--save-dir", str(save_dir), "--log-format", "simple", "--num-workers", "0",
+                "--max-tokens-valid", "500", "--no-epoch-checkpoints", "--dropout", "0.1",
+                *RELIABILITY_TRANSLATION_FLAGS]
+
+    fairseq_fork.run_ok([dict(tool="train", argv=argv(tmp_path / "full", 48), log=tmp_path / "full.log"),
+                         dict(tool="train", argv=argv(tmp_path / "split", 30), log=tmp_path / "half.log")])
+    fairseq_fork.run_ok([dict(tool="train", argv=argv(tmp_path / "split", 48), log=tmp_path / "resume.log")])
+    full = _load(tmp_path / "full" / "checkpoint_last.pt")
+    split = _load(tmp_path / "split" / "checkpoint_last.pt")
+    assert full["optimizer_history"][-1]["lr_scheduler_state"]["num_bad_epochs"] is not None
+    assert full["last_optimizer_state"]["param_groups"][0]["lr"] < 0.005  # it did reduce
+    assert_same_state(_compared(split), _compared(full), where="reduce_lr_on_plateau")
