@@ -12,10 +12,12 @@
 #
 # usage: benchmarks/gpu_check.sh [OUTDIR]      (default: gpu_check; PYTHON= picks python)
 set -uo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -uo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 out=${1:-gpu_check}
 py=${PYTHON:-python3}
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
@@ -34,6 +36,7 @@ if ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_check: $py's torch sees no CUDA device" >&2
   exit 2
 fi
+mkdir -p "$out"
 
 step build 20 "$py" - <<'EOF'
 import logging, time, torch

@@ -194,6 +194,8 @@ def main():
         keep_freed_memory_mapped()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device")
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     timer = time.process_time if args.timer == "cpu" else time.perf_counter

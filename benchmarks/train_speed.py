@@ -128,15 +128,23 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--sentences", type=int, default=20000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--workdir", default=None, help="keep the corpus and checkpoints here")
+    p.add_argument("--workdir", default=None,
+                   help="keep the corpus and checkpoints here (default: a temporary folder, "
+                   "removed at the end)")
     a = p.parse_args(argv)
     if a.fp16 and a.device != "cuda":
         p.error("--fp16 needs --device cuda")
+    if a.workdir is not None:
+        os.makedirs(a.workdir, exist_ok=True)
+        return measure(a, a.workdir)
+    with tempfile.TemporaryDirectory(prefix="powernorm_speed_") as root:
+        return measure(a, root)
 
+
+def measure(a, root):
+    """Train and generate with each norm in ``root``; print the tables."""
     load_before = os.getloadavg()
     started = time.time()
-    root = a.workdir or tempfile.mkdtemp(prefix="powernorm_speed_")
-    os.makedirs(root, exist_ok=True)
     data = make_corpus(root, a.vocab, a.sentences, a.threads)
 
     norms = ["layer"] + [n for n in a.norms if n != "layer"]
