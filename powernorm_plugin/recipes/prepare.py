@@ -21,7 +21,6 @@ Translation:
   newstest2014 (full, 3003 sentences) for test; joint BPE vocabulary of 32000.
 """
 import codecs
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from typing import Dict, Mapping, Optional, Sequence
 from . import archives as arc
 from . import bpe, text
 from .definitions import IWSLT14_TEST_SETS, Recipe, get_recipe
-from .stages import run_stage
+from .stages import read_json, run_stage, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +39,7 @@ def _write_manifest(folder: str, recipe: str, fetched: Mapping) -> None:
     manifest = {"recipe": recipe, "archives": {
         name: {"sha256": info["sha256"], "bytes": info["bytes"]} for name, info in fetched.items()
     }}
-    with open(os.path.join(folder, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(os.path.join(folder, "manifest.json"), manifest)
 
 
 def _extract_to(tmp: str, path: str, members: Sequence[str]) -> Dict[str, str]:
@@ -234,8 +231,7 @@ def _check_archives(raw: str, recipe: Recipe, archive_dir: Optional[str],
     """On a re-run: the archives that ``--sha256`` and ``--archives`` name must be the ones
     the finished ``raw/`` stage was extracted from (by the SHA-256 and the sizes that its
     manifest records)."""
-    with open(os.path.join(raw, "manifest.json"), encoding="utf-8") as f:
-        used = json.load(f)["archives"]
+    used = read_json(os.path.join(raw, "manifest.json"))["archives"]
     remedy = f"use another --workdir, or delete {raw} and the stages after it"
     arc.check_sha256_names(recipe.archives, sha256)
     for filename, digest in sha256.items():

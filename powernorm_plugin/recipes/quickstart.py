@@ -20,7 +20,6 @@ for other settings stops with an error before doing anything.
 (``seconds`` in ``results.json`` is the time of the run that wrote it.)
 """
 import argparse
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import scoring, synthetic, text
-from .stages import atomic_file, run_stage, write_json
+from .stages import atomic_file, read_json, run_stage, write_json
 
 logger = logging.getLogger("powernorm_plugin.recipes.quickstart")
 
@@ -69,8 +68,7 @@ def check_settings(workdir: str, settings: Dict) -> None:
         os.makedirs(workdir, exist_ok=True)
         write_json(path, settings)
         return
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
+    stored = read_json(path)
     differ = [f"--{k.replace('_', '-')} {stored.get(k)} (requested: {v})"
               for k, v in settings.items() if stored.get(k) != v]
     if differ:
@@ -206,8 +204,7 @@ def run(workdir: str, train_pairs: int = 6000, max_update: int = 1000, validate_
                                          powernorm_plugin.USER_DIR), log_path=log_path)
             write_json(finished, {"train_seconds": round(time.time() - t0, 1), "resumed": resumed,
                                   "valid_loss": valid_curve(log_path)})
-        with open(finished, encoding="utf-8") as f:
-            trained = json.load(f)
+        trained = read_json(finished)
         train_s = trained["train_seconds"]
         _step(f"4/4 the {label} model's translations of the test set: reused ({out_dir})"
               if os.path.isdir(out_dir) else f"4/4 translating the test set with the {label} model")

@@ -1,10 +1,9 @@
 """Result files of the recipes (one JSON and one markdown row per evaluated variant) and the
 paper-style comparison tables built from them."""
-import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from .stages import atomic_file, write_json
+from .stages import atomic_file, read_json, write_json
 
 #: Normalization variants: recipe name -> (label in the tables, norm kind of the plugin).
 NORMS = {
@@ -86,8 +85,7 @@ _REQUIRED = {"bleu": ("bleu", "sacrebleu", "sacrebleu_signature"), "ppl": ("ppl"
 
 
 def read_result(path: str) -> Dict:
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    record = read_json(path)
     for key in ("recipe", "norm", "nap", "metric"):
         if key not in record:
             raise ValueError(f"{path} is not a recipe result file: it has no {key!r}")

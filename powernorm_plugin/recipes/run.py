@@ -15,7 +15,6 @@ the paper's Table 1 runs; language models put it at every decoder norm.
 """
 import difflib
 import glob
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 from . import results as res
 from . import scoring, text
 from .definitions import Recipe, get_recipe
-from .stages import write_json
+from .stages import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +148,7 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
     done = os.path.join(save_dir, TRAINING_DONE)
     finished = None
     if os.path.exists(done) and not dry_run:
-        with open(done, encoding="utf-8") as f:
-            finished = json.load(f)["argv"]
+        finished = read_json(done)["argv"]
     argv = train_command(name, workdir, norm, nap, announce=finished is None, **kwargs)
     if dry_run:
         fairseq_run._announce("fairseq-train", argv)
@@ -166,8 +164,7 @@ def train(name: str, workdir: str, norm: str, nap: bool = False, dry_run: bool =
         return argv
     started = os.path.join(save_dir, TRAINING_STARTED)
     if os.path.exists(started) and os.path.exists(os.path.join(save_dir, "checkpoint_last.pt")):
-        with open(started, encoding="utf-8") as f:
-            before = json.load(f)["argv"]
+        before = read_json(started)["argv"]
         if _comparable(before) != _comparable(argv):
             raise ValueError(
                 f"{save_dir} holds an interrupted training started with other arguments "

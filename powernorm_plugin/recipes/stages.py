@@ -56,6 +56,12 @@ def atomic_file(path: str, mode: str = "w", encoding: str = "utf-8") -> Iterator
     os.replace(tmp, path)
 
 
+def read_json(path: str):
+    """The JSON document in ``path`` (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_json(path: str, obj) -> None:
     """Write ``obj`` to ``path`` as indented JSON, atomically (:func:`atomic_file`)."""
     with atomic_file(path) as f:
@@ -92,8 +98,7 @@ def _check_settings(path: str, settings: Mapping[str, object]) -> None:
     stored_path = os.path.join(path, SETTINGS)
     if not settings or not os.path.isfile(stored_path):
         return
-    with open(stored_path, encoding="utf-8") as f:
-        stored = json.load(f)
+    stored = read_json(stored_path)
     differ = [f"{option} {stored[option]} (asked for now: {value})"
               for option, value in settings.items() if option in stored and stored[option] != value]
     if differ:
